@@ -1,0 +1,3 @@
+from rsiseg.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommand bodies behind ``rsiseg.cli`` (kept apart so that cli.py stays argument parsing only)."""

@@ -1,0 +1,242 @@
+"""Experiment configuration: dataclasses, one flat YAML per experiment, dotted overrides.
+
+A config file has the four sections ``data``, ``model``, ``train`` and ``eval`` (plus an
+optional ``name``). Every key must be a field of the matching dataclass: an unknown key is
+an error naming it, so a typo never silently falls back to a default.
+
+Example::
+
+    cfg = load_config("configs/ssdd_maskrcnn_r50.yaml", ["train.lr=0.01", "model.num_classes=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the COCO data lives and how it is augmented."""
+
+    train_ann: str | None = None  # COCO instances JSON of the training split
+    train_images: str | None = None  # folder the train file_names are relative to
+    val_ann: str | None = None
+    val_images: str | None = None
+    repair: bool = False  # skip (and count) bad annotations instead of stopping with an error
+    num_workers: int = 0
+    hflip: float = 0.5  # probabilities of each augmentation
+    vflip: float = 0.5
+    rot90: float = 0.5
+    color_jitter: float = 0.0  # strength of brightness/contrast(/saturation/hue) jitter; 0 = off
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale, ratio kept
+    max_size: int | None = None  # resize (ratio kept) so the longest side is at most this
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture; ``name`` picks a builder from ``rsiseg.models.registry.MODELS``."""
+
+    name: str = "maskrcnn_r50_fpn"
+    num_classes: int = 1  # object classes, background excluded
+    in_channels: int = 3
+    pretrained: str = "none"  # imagenet | none
+    backbone_checkpoint: str | None = None  # local backbone weights (torchvision key names)
+    trainable_layers: int = 5  # backbone stages that train (0-5); 3 is usual with pretrained weights
+    norm: str = "bn"  # frozen_bn | bn | gn, the backbone normalisation
+    fpn_channels: int = 256
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per band, [0, 1] scale
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    min_size: int = 800  # the model resizes the short side to this (ratio kept)...
+    max_size: int = 1333  # ...unless the long side would exceed this
+    anchor_sizes: list[list[int]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
+    anchor_ratios: list[list[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])  # one list or one per level
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    roi_fg_iou: float = 0.5
+    roi_bg_iou: float = 0.5
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    detections_per_img: int = 100  # up to 1000 for dense scenes
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging."""
+
+    output_dir: str = "runs/exp"
+    epochs: int = 12
+    max_iters: int | None = None  # stop after this many iterations (overrides epochs when reached first)
+    batch_size: int = 2
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    norm_weight_decay: float = 0.0  # weight decay of norm layers and biases
+    backbone_lr_mult: float = 1.0
+    roi_heads_lr_mult: float = 1.0
+    scheduler: str = "cosine"  # cosine | step | plateau | constant
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    min_lr_factor: float = 0.0  # cosine floor, as a fraction of lr
+    step_epochs: list[int] = field(default_factory=lambda: [8, 11])
+    step_gamma: float = 0.1
+    plateau_metric: str = "segm/AP"
+    plateau_mode: str = "max"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    amp: bool = True  # mixed precision, used on CUDA only
+    grad_clip: float | None = None  # max gradient norm
+    eval_interval: int = 1  # epochs between evaluations (0 = only at the end)
+    checkpoint_interval: int = 0  # iterations between mid-epoch checkpoints (0 = at epoch ends only)
+    best_metric: str = "segm/AP"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_interval: int = 20
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation settings."""
+
+    preset: str = "coco"  # coco (maxDets 1/10/100, areas 32^2/96^2) | isaid (1/10/1000, 144^2/512^2)
+    max_dets: list[int] | None = None  # overrides the preset's three maxDets
+    iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
+    score_threshold: float = 0.0
+    mask_threshold: float = 0.5
+    batch_size: int = 2
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: the four sections and a name."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from nested dicts, rejecting unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    return _build(ExperimentConfig, raw, source, prefix="")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    cfg = config_from_dict(raw, source)
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``[1, 2]``, ``null``, ``1e-3``)."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {'.'.join(parts[: depth + 1])!r} in override {item!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key.strip()!r} in override {item!r}")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return config_from_dict(raw, "overrides")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
+        raise ConfigError(
+            f"{source}: unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix + name!r} must be a mapping")
+            kwargs[name] = _build(hint, value, source, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check a leaf value against its annotation; ints are accepted where floats are expected."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key!r} = {value!r} is not a valid {hint}")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key!r} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key!r} = {value!r} must be of type {getattr(hint, '__name__', hint)}")

@@ -1,0 +1,1 @@
+"""Datasets, converters and data tools of rsiseg."""

@@ -1,0 +1,1 @@
+"""Training engine: trainer, optimisers and schedules, checkpoints, logging."""

@@ -1,0 +1,114 @@
+"""Optimisers with parameter groups, and warmup + cosine/step/plateau learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsiseg.config import TrainConfig
+
+NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Split trainable parameters by role: backbone / RoI heads / rest, each with and without decay.
+
+    The backbone and the RoI heads get ``lr * backbone_lr_mult`` and ``lr * roi_heads_lr_mult``;
+    norm weights and biases get ``norm_weight_decay``.
+    """
+    no_decay = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role = "backbone" if name.startswith("backbone.body") else "roi_heads" if name.startswith("roi_heads") else "other"
+        decay = not (id(param) in no_decay or name.endswith(".bias"))
+        groups.setdefault((role, decay), []).append(param)
+    mult = {"backbone": cfg.backbone_lr_mult, "roi_heads": cfg.roi_heads_lr_mult, "other": 1.0}
+    return [
+        {
+            "params": params,
+            "lr": cfg.lr * mult[role],
+            "weight_decay": cfg.weight_decay if decay else cfg.norm_weight_decay,
+            "name": f"{role}{'' if decay else '_no_decay'}",
+        }
+        for (role, decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over :func:`param_groups`."""
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+
+class LRSchedule:
+    """Per-iteration warmup and decay, plus ReduceLROnPlateau driven by an evaluation metric.
+
+    ``cosine`` and ``step`` decay per iteration through a LambdaLR; ``plateau`` holds the lr
+    after warmup and lets :class:`torch.optim.lr_scheduler.ReduceLROnPlateau` cut it when the
+    chosen metric stalls; ``constant`` only warms up.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, iters_per_epoch: int, total_iters: int) -> None:
+        if cfg.scheduler not in ("cosine", "step", "plateau", "constant"):
+            raise ValueError(f"train.scheduler must be cosine, step, plateau or constant, got {cfg.scheduler!r}")
+        self.cfg, self.iters_per_epoch, self.total_iters = cfg, max(1, iters_per_epoch), max(1, total_iters)
+        self.iteration = 0
+        self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
+            if cfg.scheduler == "plateau"
+            else None
+        )
+
+    def factor(self, iteration: int) -> float:
+        """Multiplier of the base lr at ``iteration`` (warmup times decay)."""
+        cfg = self.cfg
+        warm = 1.0
+        if iteration < cfg.warmup_iters:
+            alpha = iteration / cfg.warmup_iters
+            warm = cfg.warmup_factor * (1 - alpha) + alpha
+        if cfg.scheduler == "cosine":
+            progress = min(1.0, iteration / self.total_iters)
+            decay = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif cfg.scheduler == "step":
+            epoch = iteration / self.iters_per_epoch
+            decay = cfg.step_gamma ** sum(epoch >= e for e in cfg.step_epochs)
+        else:
+            decay = 1.0
+        return warm * decay
+
+    def step(self) -> None:
+        """Advance one iteration."""
+        self.iteration += 1
+        if self.plateau is None or self.iteration <= self.cfg.warmup_iters:
+            # After warmup the plateau scheduler owns the lr; LambdaLR would overwrite its cuts.
+            self.lambda_lr.step()
+
+    def step_metric(self, value: float) -> None:
+        """Feed an evaluation result to ReduceLROnPlateau (ignored during warmup or for other schedules)."""
+        if self.plateau is not None and self.iteration > self.cfg.warmup_iters and math.isfinite(value):
+            self.plateau.step(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"iteration": self.iteration, "lambda_lr": self.lambda_lr.state_dict()}
+        state["lambda_lr"].pop("lr_lambdas", None)
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = state["iteration"]
+        self.lambda_lr.load_state_dict({**state["lambda_lr"], "lr_lambdas": [None] * len(self.lambda_lr.lr_lambdas)})
+        if self.plateau is not None and "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])

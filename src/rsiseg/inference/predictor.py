@@ -1,0 +1,113 @@
+"""Running a trained model: load from a checkpoint, predict batches, evaluate a dataset.
+
+Predictions are turned into COCO results (RLE masks) image by image, so that dense scenes
+with up to 1000 full-size mask probabilities never pile up in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from rsiseg.config import EvalConfig, ExperimentConfig, config_from_dict
+from rsiseg.data.coco import CocoInstanceDataset, collate
+from rsiseg.engine.checkpoint import load_checkpoint
+from rsiseg.evaluation.coco import evaluate_coco
+from rsiseg.inference.export import prediction_to_coco
+from rsiseg.models.registry import build_model
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with what is needed to name its outputs."""
+
+    model: nn.Module
+    config: ExperimentConfig
+    class_names: list[str]
+    label_to_category: list[int]  # [i] is the category id of label i + 1
+    device: torch.device
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(checkpoint: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> LoadedModel:
+    """Rebuild the model from the config stored in a checkpoint and load its weights.
+
+    Args:
+        overrides: ``ModelConfig`` fields to change for inference (e.g. ``detections_per_img``).
+    """
+    state = load_checkpoint(checkpoint)
+    raw = state["config"]
+    if overrides:
+        raw = {**raw, "model": {**raw["model"], **overrides}}
+    cfg = config_from_dict(raw, source=f"{checkpoint} (stored config)")
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    dev = select_device(device)
+    model.to(dev).eval()
+    classes = state.get("classes") or {}
+    names = classes.get("names") or [f"class_{i}" for i in range(1, cfg.model.num_classes + 1)]
+    category_ids = classes.get("category_ids") or list(range(1, cfg.model.num_classes + 1))
+    return LoadedModel(model, cfg, list(names), list(category_ids), dev)
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Predict one batch of ``[C, H, W]`` float images in [0, 1]; outputs are moved to CPU."""
+    model.eval()
+    outputs = model([img.to(device, non_blocking=True) for img in images])
+    return [{k: v.cpu() for k, v in out.items()} for out in outputs]
+
+
+def iterate_predictions(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 2, num_workers: int = 0,
+    progress: bool = True, desc: str = "predict",
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]]:
+    """Yield ``(prediction, target, image)`` for every item of a detection dataset."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for pred, target, image in zip(predict_images(model, images, device), targets, images):
+            yield pred, target, image
+
+
+def predict_dataset(
+    model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
+    num_workers: int = 0, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """COCO results (bbox + RLE segmentation) for every image of ``dataset``."""
+    results: list[dict[str, Any]] = []
+    for pred, target, _ in iterate_predictions(model, dataset, device, eval_cfg.batch_size, num_workers, progress):
+        results += prediction_to_coco(
+            pred, int(target["image_id"]), dataset.label_to_category,
+            score_threshold=eval_cfg.score_threshold, mask_threshold=eval_cfg.mask_threshold,
+        )
+    return results
+
+
+def evaluate_model(
+    model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
+    num_workers: int = 0, progress: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Predict ``dataset`` and compute COCO metrics against its checked ground truth.
+
+    Returns:
+        ``(metrics, results)``: metrics as from :func:`rsiseg.evaluation.coco.evaluate_coco`.
+    """
+    results = predict_dataset(model, dataset, eval_cfg, device, num_workers, progress)
+    metrics = evaluate_coco(
+        dataset.index.to_coco(), results, iou_types=tuple(eval_cfg.iou_types), preset=eval_cfg.preset,
+        max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None,
+    )
+    return metrics, results

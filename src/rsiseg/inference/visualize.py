@@ -1,0 +1,454 @@
+"""Readable overlays of instance predictions on any-band remote-sensing imagery.
+
+``to_display_rgb`` turns a 1-band (SAR), 3-band (RGB) or N-band image into displayable
+RGB; ``draw_instances`` blends masks in class colours, outlines them and their boxes, labels
+each instance with ``"name score"`` and adds a legend (top-right) of the classes present with
+their counts. Sizes of text and lines follow the image size, so a 128 px patch and a 4000 px
+scene both read well. Everything per pixel is vectorised (numpy/torch); only the per-instance
+drawing of boxes and text loops in Python.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# An image whose 2-98 percentile span is below this is "dark or low-contrast" and gets
+# stretched; linear SAR and 12-bit data scaled as uint16 typically span only a few percent.
+_LOW_CONTRAST_SPAN = 0.5
+# Percentiles are estimated on at most about this many pixels: np.percentile sorts, and a
+# full 4000 x 4000 x 3 scene would take seconds for no visible difference.
+_STRETCH_SAMPLES = 250_000
+# Upper bound on mask elements handled at once when building the instance map (~16 M).
+_MASK_BLOCK_ELEMENTS = 1 << 24
+# Beyond 16 entries an axis is taken to be spatial, not bands.
+_MAX_BANDS = 16
+# Tags stop once they cover this fraction of the image: in dense scenes (hundreds of
+# instances) the best-scoring ones keep their tags and the scene itself stays visible.
+_TAG_AREA_BUDGET = 0.2
+# The legend may cover at most this fraction of the image height (many classes on a small patch).
+_LEGEND_MAX_HEIGHT = 0.5
+
+# Sasha Trubetskoy's 20 distinct colours: bright enough to stand out on vegetation, water,
+# desert and grey SAR backgrounds alike.
+_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+]  # fmt: skip
+
+
+def to_display_rgb(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Convert an image of any band count to RGB for display.
+
+    Band choice: 1 band -> grey; 2 bands (e.g. SAR VV/VH) -> the first band as grey;
+    3 -> as is; more than 3 -> the first three. A per-band 2-98 percentile stretch is applied
+    only when the image is dark or low-contrast (2-98 percentile span below 0.5) or outside
+    [0, 1], so ordinary RGB keeps its colours and linear SAR stops looking black.
+
+    Args:
+        image: a torch tensor ``C x H x W`` (or ``H x W``), float in [0, 1] or integer;
+            or a numpy array: integer ``H x W x C`` (e.g. uint8, uint16), float ``C x H x W``,
+            or ``H x W``. Integers are scaled by their dtype's maximum. When the assumed band
+            axis has more than 16 entries and the other end has at most 16, the other is used.
+
+    Returns:
+        ``uint8[H, W, 3]``.
+    """
+    bands = _as_hwc_float(image)
+    shown = bands[..., :1] if bands.shape[2] < 3 else bands[..., :3]
+    if _needs_stretch(shown):
+        shown = _percentile_stretch(shown)
+    rgb = np.clip(shown, 0.0, 1.0) * 255.0 + 0.5
+    rgb = rgb.astype(np.uint8)
+    return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else np.ascontiguousarray(rgb)
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct, deterministic RGB colours; entry ``i`` is the colour of label ``i + 1``.
+
+    The first 20 come from a hand-picked palette; further ones step the hue by the golden
+    ratio, which keeps consecutive labels far apart on the colour wheel.
+    """
+    colors = list(_PALETTE[:num_classes])
+    for i in range(len(colors), num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        saturation, value = (0.85, 0.95) if i % 2 else (0.6, 0.8)
+        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
+        colors.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colors
+
+
+def draw_instances(
+    image_rgb: np.ndarray,
+    pred: Mapping[str, torch.Tensor | np.ndarray],
+    class_names: Sequence[str],
+    score_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+    show_legend: bool = True,
+    *,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Draw instance predictions (or ground truth) over an image.
+
+    Masks are alpha-blended in their class colour with a 1-px contour, boxes are outlined,
+    and each instance gets a ``"name score"`` tag. Tags are placed best-score first and
+    skipped when they would cover another tag or the legend, or when the box is smaller than
+    about 12 px (or the font height on large images), so dense scenes stay readable. The
+    legend sits in the top-right corner and lists the classes present with colour and count.
+
+    Args:
+        image_rgb: ``uint8[H, W, 3]``; any other image is first passed to :func:`to_display_rgb`.
+        pred: ``boxes`` [N, 4] xyxy pixels, ``labels`` int [N] in 1..K, optional ``scores``
+            [N] in [0, 1] (absent for ground truth: all drawn, no score in tags), optional
+            ``masks`` [N, 1, H, W] or [N, H, W], probabilities or {0, 1}. Tensors or arrays.
+        class_names: ``class_names[i]`` names label ``i + 1``.
+        score_threshold: instances with a lower score are not drawn.
+        mask_threshold: a mask pixel is foreground when strictly above it.
+        show_legend: draw the legend.
+        alpha: opacity of the mask fill.
+
+    Returns:
+        A new ``uint8[H, W, 3]`` image; the input is not modified.
+
+    Raises:
+        ValueError: fields of ``pred`` disagree in length, or masks are not the image's size.
+    """
+    image = _as_display_image(image_rgb)
+    height, width = image.shape[:2]
+    boxes, labels, scores, masks, ranks = _select_instances(pred, score_threshold)
+    palette = class_colors(max([len(class_names), *labels.tolist()]))
+    colors = np.array([palette[lab - 1] if lab >= 1 else (128, 128, 128) for lab in labels], np.uint8).reshape(-1, 3)
+
+    out = image.copy()
+    if masks is not None and len(labels):
+        if tuple(masks.shape[-2:]) != (height, width):
+            raise ValueError(f"masks are {tuple(masks.shape[-2:])} but the image is {(height, width)}")
+        _blend_masks(out, _instance_map(masks, ranks, mask_threshold), colors, alpha)
+
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    style = _Style.for_size(height, width)
+    for box, color in zip(boxes.tolist(), colors.tolist()):
+        draw.rectangle(_clip_box(box, width, height), outline=tuple(color), width=style.line_width)
+
+    occupied = np.zeros((height, width), dtype=bool)
+    if show_legend and len(labels):
+        _draw_legend(canvas, labels, class_names, palette, style, occupied)
+        draw = ImageDraw.Draw(canvas)
+    names = [_class_name(lab, class_names) for lab in labels.tolist()]
+    tag_area, budget = 0, _TAG_AREA_BUDGET * height * width
+    for i in reversed(range(len(labels))):  # best score first: those tags win the space
+        if tag_area >= budget:
+            break
+        text = names[i] if scores is None else f"{names[i]} {scores[i]:.2f}"
+        tag_area += _draw_tag(draw, boxes[i], text, tuple(colors[i].tolist()), style, occupied)
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def save_overlay(
+    path: str | os.PathLike,
+    image_rgb: np.ndarray,
+    pred: Mapping[str, torch.Tensor | np.ndarray],
+    class_names: Sequence[str],
+    **kwargs: Any,
+) -> None:
+    """Draw with :func:`draw_instances` (``kwargs`` go to it) and write a PNG, creating parent dirs."""
+    overlay = draw_instances(image_rgb, pred, class_names, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay).save(path, format="PNG")
+
+
+# --------------------------------------------------------------------------- display
+
+
+def _as_hwc_float(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Any supported image -> ``float32[H, W, C]`` (values not yet clipped)."""
+    channels_last = False
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    else:
+        image = np.asarray(image)
+        channels_last = image.dtype.kind in "ui"
+    if image.ndim == 2:
+        image = image[..., None]
+        channels_last = True
+    if image.ndim != 3:
+        raise ValueError(f"expected an image of 2 or 3 dims, got shape {image.shape}")
+    band_axis, other_axis = (2, 0) if channels_last else (0, 2)
+    if image.shape[band_axis] > _MAX_BANDS >= image.shape[other_axis]:
+        channels_last = not channels_last
+    if not channels_last:
+        image = image.transpose(1, 2, 0)
+    if image.dtype.kind in "ui":
+        return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+    if image.dtype == bool:
+        return image.astype(np.float32)
+    return np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _subsample(image: np.ndarray) -> np.ndarray:
+    """A strided ``[M, C]`` sample of the pixels, M at most about ``_STRETCH_SAMPLES``."""
+    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / _STRETCH_SAMPLES)))
+    return image[::step, ::step].reshape(-1, image.shape[2])
+
+
+def _needs_stretch(image: np.ndarray) -> bool:
+    sample = _subsample(image)
+    lo, hi = np.percentile(sample, [2, 98])
+    return bool(hi - lo < _LOW_CONTRAST_SPAN or sample.min() < 0.0 or sample.max() > 1.0)
+
+
+def _percentile_stretch(image: np.ndarray) -> np.ndarray:
+    """Map each band's 2nd..98th percentile to [0, 1]; constant bands are left as they are."""
+    lo, hi = np.percentile(_subsample(image), [2, 98], axis=0)  # [C] each
+    span = hi - lo
+    flat = span <= 1e-6
+    scale = np.where(flat, 1.0, 1.0 / np.where(flat, 1.0, span))
+    offset = np.where(flat, 0.0, lo)
+    return (image - offset.astype(np.float32)) * scale.astype(np.float32)
+
+
+def _as_display_image(image: np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    return to_display_rgb(image)
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def _select_instances(
+    pred: Mapping[str, torch.Tensor | np.ndarray], score_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, torch.Tensor | None, np.ndarray]:
+    """Kept instances in drawing order (ascending score, so the best ends on top).
+
+    Returns ``boxes float64[M, 4]``, ``labels int64[M]``, ``scores float64[M]`` or None (all
+    kept, in drawing order), the untouched ``masks [N, H, W]`` (torch, original dtype) or None,
+    and ``ranks int64[N]``: 1 + drawing position of each original instance, 0 if dropped.
+    Masks are not gathered because copying N full-size float masks costs more than using them.
+    """
+    labels = _to_numpy(pred["labels"]).astype(np.int64).reshape(-1)
+    n = len(labels)
+    boxes = _to_numpy(pred["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _to_numpy(pred["scores"]).astype(np.float64).reshape(-1) if pred.get("scores") is not None else None
+    masks = pred.get("masks")
+    if masks is not None:
+        masks = torch.as_tensor(masks).detach()
+        masks = masks[:, 0] if masks.ndim == 4 else masks
+    lengths = {"boxes": len(boxes), "labels": n}
+    lengths.update({} if scores is None else {"scores": len(scores)})
+    lengths.update({} if masks is None else {"masks": len(masks)})
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"prediction fields disagree in length: {lengths}")
+
+    if scores is None:
+        order = np.arange(n)
+    else:
+        order = np.nonzero(scores >= score_threshold)[0]
+        order = order[np.argsort(scores[order], kind="stable")]
+    ranks = np.zeros(n, dtype=np.int64)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return boxes[order], labels[order], None if scores is None else scores[order], masks, ranks
+
+
+def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _instance_map(masks: torch.Tensor, ranks: np.ndarray, threshold: float) -> np.ndarray:
+    """``int32[H, W]``: the highest rank among the masks covering each pixel, 0 for none.
+
+    Args:
+        masks: ``[N, H, W]``, any dtype and device.
+        ranks: ``int64[N]``; 0 hides an instance.
+        threshold: foreground when strictly above it.
+
+    Masks are reduced in slices with a max over "rank where foreground": one vectorised pass
+    over ``N x H x W`` without ever holding more than ~16 M mask elements at a time.
+    """
+    n, height, width = masks.shape
+    rank_dtype = torch.int16 if n < torch.iinfo(torch.int16).max else torch.int32
+    ranks_t = torch.as_tensor(ranks).to(device=masks.device, dtype=rank_dtype)
+    zero = torch.zeros((), dtype=rank_dtype, device=masks.device)
+    top = torch.zeros((height, width), dtype=rank_dtype, device=masks.device)
+    block = max(1, _MASK_BLOCK_ELEMENTS // max(1, height * width))
+    for start in range(0, n, block):
+        if not ranks[start : start + block].any():
+            continue
+        fg = masks[start : start + block] > threshold
+        rank = torch.where(fg, ranks_t[start : start + block, None, None], zero)
+        top = torch.maximum(top, rank.amax(dim=0))
+    return top.cpu().numpy().astype(np.int32)
+
+
+def _blend_masks(out: np.ndarray, instance_map: np.ndarray, colors: np.ndarray, alpha: float) -> None:
+    """In place: fill each instance in its colour at ``alpha`` and draw a 1-px opaque contour."""
+    covered = instance_map > 0
+    lut = np.concatenate([np.zeros((1, 3), np.float32), colors.astype(np.float32)])
+    color = lut[instance_map[covered]]
+    out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + color * alpha + 0.5).astype(np.uint8)
+
+    # A contour pixel belongs to an instance and touches a 4-neighbour with another id
+    # (background or a neighbouring instance), so touching objects stay separable.
+    edge = np.zeros_like(covered)
+    vertical = instance_map[1:, :] != instance_map[:-1, :]
+    horizontal = instance_map[:, 1:] != instance_map[:, :-1]
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    edge &= covered
+    out[edge] = lut[instance_map[edge]].astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- text and legend
+
+
+class _Style:
+    """Font and line sizes for one image size; everything scales with the longer side."""
+
+    def __init__(self, font_size: int, line_width: int) -> None:
+        self.font_size = font_size
+        self.line_width = line_width
+        self.font = _font(font_size)
+        self.pad = max(1, font_size // 6)
+        self.min_tag_box = max(12, font_size)  # boxes smaller than this get no tag
+
+    @classmethod
+    def for_size(cls, height: int, width: int) -> _Style:
+        side = max(height, width)
+        # ~1/64 of the side keeps tags at a similar fraction of the view at any zoom;
+        # 9 px is the smallest size that is still legible on a 128 px patch.
+        return cls(font_size=int(np.clip(round(side / 64), 9, 48)), line_width=max(1, round(side / 600)))
+
+
+# DejaVu Sans Condensed is compact and well hinted at 8-10 px, where small patches need it;
+# Pillow's built-in scalable font is the fallback on machines without DejaVu.
+_FONT_FILES = ("DejaVuSansCondensed.ttf", "DejaVuSans.ttf")
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    for name in _FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except (OSError, ImportError):
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _class_name(label: int, class_names: Sequence[str]) -> str:
+    return class_names[label - 1] if 1 <= label <= len(class_names) else f"label {label}"
+
+
+def _text_color(background: tuple[int, ...]) -> tuple[int, int, int]:
+    """Black on light colours, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background[:3]
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
+def _clip_box(box: list[float], width: int, height: int) -> list[float]:
+    x1, y1, x2, y2 = box
+    x1, x2 = sorted((min(max(x1, 0), width - 1), min(max(x2, 0), width - 1)))
+    y1, y2 = sorted((min(max(y1, 0), height - 1), min(max(y2, 0), height - 1)))
+    return [x1, y1, x2, y2]
+
+
+def _draw_tag(
+    draw: ImageDraw.ImageDraw,
+    box: np.ndarray,
+    text: str,
+    color: tuple[int, ...],
+    style: _Style,
+    occupied: np.ndarray,
+) -> int:
+    """Draw a filled ``text`` tag above the box (inside it at the image top) unless it would collide.
+
+    Returns:
+        The tag's area in pixels, 0 when it was skipped (small box or no free space).
+    """
+    x1, y1, x2, y2 = box.tolist()
+    if np.sqrt(max(x2 - x1, 0.0) * max(y2 - y1, 0.0)) < style.min_tag_box:
+        return 0
+    height, width = occupied.shape
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=style.font, anchor="lt")
+    tag_w, tag_h = right - left + 2 * style.pad, bottom - top + 2 * style.pad
+    x = int(min(max(x1, 0), max(width - tag_w, 0)))
+    y = int(y1 - tag_h if y1 - tag_h >= 0 else max(y1, 0))
+    region = occupied[y : y + tag_h, x : x + tag_w]
+    if region.size == 0 or region.any():
+        return 0
+    region[...] = True
+    draw.rectangle([x, y, x + tag_w - 1, y + tag_h - 1], fill=color)
+    draw.text((x + style.pad, y + style.pad), text, font=style.font, fill=_text_color(color), anchor="lt")
+    return region.size
+
+
+def _draw_legend(
+    canvas: Image.Image,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    palette: list[tuple[int, int, int]],
+    style: _Style,
+    occupied: np.ndarray,
+) -> None:
+    """Top-right legend of the classes present: swatch, name and count, on a dimmed panel.
+
+    The panel takes at most ``_LEGEND_MAX_HEIGHT`` of the image height; when the classes do
+    not fit, the most frequent are listed (in label order) and the rest folded into "+k more".
+    """
+    present, counts = np.unique(labels, return_counts=True)
+    rows = [(_class_name(int(lab), class_names), int(c), palette[lab - 1] if lab >= 1 else (128, 128, 128))
+            for lab, c in zip(present, counts)]  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+    font, pad = style.font, style.pad
+    _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=font, anchor="lt")
+    line_h = bottom - top + 2 * pad
+    swatch = bottom - top
+    margin = 2 * pad
+    max_rows = max(2, int(_LEGEND_MAX_HEIGHT * canvas.height - 2 * pad) // line_h)
+    if len(rows) > max_rows:
+        by_count = sorted(range(len(rows)), key=lambda i: -rows[i][1])  # stable: ties keep label order
+        shown = sorted(by_count[: max_rows - 1])
+        rest = [rows[i] for i in by_count[max_rows - 1 :]]
+        rows = [rows[i] for i in shown]
+        texts = [f"{name} ({count})" for name, count, _ in rows] + [f"+{len(rest)} more ({sum(r[1] for r in rest)})"]
+        colors = [color for _, _, color in rows] + [None]
+    else:
+        texts = [f"{name} ({count})" for name, count, _ in rows]
+        colors = [color for _, _, color in rows]
+    text_w = max(draw.textbbox((0, 0), t, font=font, anchor="lt")[2] for t in texts)
+    panel_w = min(canvas.width, 4 * pad + swatch + text_w + 2 * pad)
+    panel_h = min(canvas.height, len(texts) * line_h + 2 * pad)
+    x0 = max(0, canvas.width - panel_w - margin)
+    y0 = min(margin, max(0, canvas.height - panel_h))
+
+    # Dim the panel area (vectorised) rather than paint it opaque, so the scene stays visible.
+    pixels = np.asarray(canvas).copy()
+    pixels[y0 : y0 + panel_h, x0 : x0 + panel_w] = (pixels[y0 : y0 + panel_h, x0 : x0 + panel_w] * 0.3).astype(np.uint8)
+    canvas.paste(Image.fromarray(pixels))
+    occupied[y0 : y0 + panel_h, x0 : x0 + panel_w] = True
+
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, color) in enumerate(zip(texts, colors)):
+        y = y0 + pad + i * line_h
+        text_x = x0 + 2 * pad
+        if color is not None:
+            draw.rectangle([x0 + 2 * pad, y + pad, x0 + 2 * pad + swatch - 1, y + pad + swatch - 1], fill=color,
+                           outline=(255, 255, 255))  # fmt: skip
+            text_x += swatch + 2 * pad
+        draw.text((text_x, y + pad), text, font=font, fill=(255, 255, 255), anchor="lt")

@@ -1,0 +1,1 @@
+"""Models. ``rsiseg.models.registry.MODELS`` maps a name to its builder."""

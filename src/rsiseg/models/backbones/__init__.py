@@ -1,0 +1,1 @@
+"""Backbones: feature extractors returning FPN-ready multi-scale maps."""

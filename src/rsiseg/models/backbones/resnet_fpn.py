@@ -1,0 +1,133 @@
+"""ResNet + FPN backbone (P2-P5 plus a max-pooled P6) from torchvision blocks.
+
+Supports any band count (the stem is rebuilt for ``in_channels != 3``, and ImageNet weights
+are adapted by averaging the RGB filters), three normalisations, and local weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+log = logging.getLogger(__name__)
+
+RESNETS: dict[str, tuple[Callable[..., resnet.ResNet], object]] = {
+    "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (resnet.resnet34, resnet.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
+}
+
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "gn": lambda channels: nn.GroupNorm(min(32, channels // 4), channels),
+}
+
+STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]  # in the order they unfreeze
+
+
+def build_resnet_fpn(
+    depth_name: str,
+    *,
+    in_channels: int = 3,
+    pretrained: str = "none",
+    checkpoint: str | None = None,
+    norm: str = "bn",
+    trainable_layers: int = 5,
+    fpn_channels: int = 256,
+) -> BackboneWithFPN:
+    """Build a ResNet-FPN returning ``{"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``.
+
+    Args:
+        depth_name: one of ``RESNETS`` (``resnet18`` ... ``resnet101``).
+        in_channels: image bands C.
+        pretrained: ``imagenet`` (torchvision download) or ``none``.
+        checkpoint: local ResNet state dict (torchvision key names; ``fc.*`` ignored).
+        norm: ``frozen_bn``, ``bn`` or ``gn``.
+        trainable_layers: how many stages, from ``layer4`` down to ``conv1``, train (0-5).
+        fpn_channels: FPN output channels.
+
+    Returns:
+        A module mapping ``[B, C, H, W]`` to feature maps of ``fpn_channels`` channels at
+        strides 4, 8, 16, 32 and 64, with ``out_channels`` set.
+    """
+    if depth_name not in RESNETS:
+        raise ValueError(f"unknown ResNet {depth_name!r}; choose from {sorted(RESNETS)}")
+    if norm not in NORMS:
+        raise ValueError(f"model.norm must be one of {sorted(NORMS)}, got {norm!r}")
+    if pretrained not in ("none", "imagenet"):
+        raise ValueError(f"model.pretrained must be 'imagenet' or 'none', got {pretrained!r}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"model.trainable_layers must be in 0..5, got {trainable_layers}")
+    factory, weights = RESNETS[depth_name]
+    body = factory(weights=weights if pretrained == "imagenet" else None, norm_layer=NORMS[norm])
+    if checkpoint:
+        load_backbone_checkpoint(body, checkpoint)
+    if in_channels != 3:
+        body.conv1 = adapt_stem(body.conv1, in_channels)
+    _freeze(body, trainable_layers)
+    stage_channels = [body.layer1[-1], body.layer2[-1], body.layer3[-1], body.layer4[-1]]
+    in_channels_list = [_block_out_channels(block) for block in stage_channels]
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=in_channels_list,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A stem conv for ``in_channels`` bands initialised from the RGB one.
+
+    Each new band gets the mean RGB filter scaled by ``3 / in_channels``, so that an image
+    with equal bands yields the same activations as the RGB stem on a grey image.
+    """
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    with torch.no_grad():
+        mean_filter = conv.weight.mean(dim=1, keepdim=True)
+        new.weight.copy_(mean_filter.repeat(1, in_channels, 1, 1) * (3.0 / in_channels))
+    return new
+
+
+def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> None:
+    """Load local ResNet weights (a state dict, or a dict holding one under ``model``/``state_dict``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: backbone checkpoint does not fit: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+    log.info("loaded backbone weights from %s", path)
+
+
+def _freeze(body: nn.Module, trainable_layers: int) -> None:
+    trainable = STAGES[:trainable_layers]
+    if trainable_layers == 5:
+        trainable = [*trainable, "bn1"]
+    for name, param in body.named_parameters():
+        if all(not name.startswith(stage) for stage in trainable):
+            param.requires_grad_(False)
+
+
+def _block_out_channels(block: nn.Module) -> int:
+    last_conv = block.conv3 if hasattr(block, "conv3") else block.conv2
+    return last_conv.out_channels
+
+

@@ -1,0 +1,151 @@
+"""Mask R-CNN baselines: the model contract on tiny configs, bands, anchors and local weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from rsiseg.config import ModelConfig
+from rsiseg.models.registry import MODELS, build_model
+
+SIZE = 128
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(name="maskrcnn_r18_fpn", num_classes=3, fpn_channels=64, min_size=SIZE, max_size=SIZE,
+                roi_batch_size_per_image=64, rpn_batch_size_per_image=64, rpn_pre_nms_top_n_train=200,
+                rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
+                anchor_sizes=[[8], [16], [32], [64], [128]])
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def target(n: int, bands: int = 3) -> dict[str, torch.Tensor]:
+    masks = torch.zeros((n, SIZE, SIZE), dtype=torch.uint8)
+    boxes = []
+    for i in range(n):
+        x, y = 10 + 25 * i, 20 + 10 * i
+        masks[i, y : y + 12, x : x + 20] = 1
+        boxes.append([x, y, x + 20, y + 12])
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.arange(n, dtype=torch.int64) % 3 + 1, "masks": masks}
+
+
+def test_registry_names() -> None:
+    assert {"maskrcnn_r18_fpn", "maskrcnn_r34_fpn", "maskrcnn_r50_fpn", "maskrcnn_r101_fpn"} <= set(MODELS)
+    with pytest.raises(ValueError, match="unknown model.name 'nope'.*maskrcnn_r50_fpn"):
+        build_model(ModelConfig(name="nope"))
+
+
+def test_training_step_gives_finite_losses_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    model.train()
+    losses = model([torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)], [target(3), target(1)])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_image_without_targets_gives_zero_box_and_mask_loss() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    model.train()
+    losses = model([torch.rand(3, SIZE, SIZE)], [target(0)])
+    assert float(losses["loss_box_reg"]) == 0.0
+    assert float(losses["loss_mask"]) == 0.0
+    assert float(losses["loss_rpn_box_reg"]) == 0.0
+    assert float(losses["loss_classifier"]) > 0.0  # every sampled RoI is background
+
+
+def test_eval_output_contract() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(box_score_thresh=0.0, detections_per_img=40))
+    model.eval()
+    with torch.no_grad():
+        outputs = model([torch.rand(3, SIZE, SIZE), torch.rand(3, 96, 160)])
+    for out, (h, w) in zip(outputs, [(SIZE, SIZE), (96, 160)]):
+        n = len(out["boxes"])
+        assert 0 < n <= 40
+        assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == torch.float32
+        assert out["labels"].dtype == torch.int64 and out["labels"].min() >= 1 and out["labels"].max() <= 3
+        assert out["scores"].shape == (n,) and bool(((out["scores"] >= 0) & (out["scores"] <= 1)).all())
+        assert out["masks"].shape == (n, 1, h, w)
+        assert float(out["boxes"][:, 2].max()) <= w and float(out["boxes"][:, 3].max()) <= h
+
+
+@pytest.mark.parametrize("bands", [1, 4])
+def test_other_band_counts_run(bands: int) -> None:
+    model = build_model(tiny(in_channels=bands, image_mean=[0.5] * bands, image_std=[0.25] * bands))
+    assert model.backbone.body.conv1.in_channels == bands
+    model.train()
+    losses = model([torch.rand(bands, SIZE, SIZE)], [target(2)])
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        assert "masks" in model([torch.rand(bands, SIZE, SIZE)])[0]
+
+
+def test_normalisation_must_match_bands() -> None:
+    with pytest.raises(ValueError, match="image_mean has 3 values but model.in_channels is 4"):
+        build_model(tiny(in_channels=4))
+
+
+def test_anchor_config_is_used_and_checked() -> None:
+    model = build_model(tiny(anchor_sizes=[[8, 12], [16, 24], [32, 48], [64, 96], [128, 192]],
+                             anchor_ratios=[[0.5, 1.0, 2.0]]))
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [6] * 5
+    assert model.rpn.head.cls_logits.out_channels == 6
+    with pytest.raises(ValueError, match="anchor_sizes needs 5 lists"):
+        build_model(tiny(anchor_sizes=[[8], [16]]))
+
+
+def test_dense_scene_limits() -> None:
+    model = build_model(tiny(detections_per_img=1000, rpn_post_nms_top_n_test=2000))
+    assert model.roi_heads.detections_per_img == 1000
+    with pytest.raises(ValueError, match="detections_per_img must be in 1..1000"):
+        build_model(tiny(detections_per_img=5000))
+
+
+def test_local_backbone_checkpoint_is_loaded(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    reference = resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(tiny(backbone_checkpoint=str(path)))
+    assert torch.equal(model.backbone.body.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    bad = tmp_path / "bad.pth"
+    torch.save({"something.else": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="backbone checkpoint does not fit"):
+        build_model(tiny(backbone_checkpoint=str(bad)))
+
+
+def test_local_checkpoint_adapts_stem_to_bands(tmp_path: Path) -> None:
+    reference = resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(tiny(backbone_checkpoint=str(path), in_channels=2, image_mean=[0.5] * 2, image_std=[0.2] * 2))
+    expected = reference.conv1.weight.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1) * 1.5
+    assert torch.allclose(model.backbone.body.conv1.weight, expected)
+
+
+def test_frozen_stages() -> None:
+    model = build_model(tiny(trainable_layers=2, norm="frozen_bn"))
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.layer2.parameters())
+    assert all(p.requires_grad for p in body.layer3.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["maskrcnn_r50_fpn", "maskrcnn_r101_fpn"])
+def test_full_size_models_build_and_step(name: str) -> None:
+    model = build_model(ModelConfig(name=name, num_classes=2, min_size=256, max_size=256))
+    model.train()
+    losses = model([torch.rand(3, 256, 256)], [target(2)])
+    assert all(torch.isfinite(v) for v in losses.values())
