@@ -31,11 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rsiseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser = _with_common_options(sub.add_parser)
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_data(sub)
     return parser
+
+
+def _with_common_options(add_parser: Callable[..., argparse.ArgumentParser]) -> Callable[..., argparse.ArgumentParser]:
+    """Let ``-q`` also follow the subcommand (``rsiseg train cfg.yaml -q``)."""
+
+    def add(*args, **kwargs) -> argparse.ArgumentParser:
+        parser = add_parser(*args, **kwargs)
+        parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                            help="only warnings and errors, no progress bars")
+        return parser
+
+    return add
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +108,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="dataset tools: synthetic data, ...", description="Dataset tools.")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    data_sub.add_parser = _with_common_options(data_sub.add_parser)
     s = data_sub.add_parser(
         "synth",
         help="write a synthetic aerial COCO dataset",
