@@ -36,7 +36,7 @@ def test_ssdd_few_iterations(shared_data: Path, tmp_path: Path) -> None:
         f"data.val_images={ssdd / 'images'}", "data.num_workers=0", "model.name=maskrcnn_r18_fpn",
         "model.pretrained=none", "model.norm=bn", "model.trainable_layers=5", "model.fpn_channels=64",
         "model.min_size=192", "model.max_size=256", "model.roi_batch_size_per_image=64",
-        "train.epochs=1", "train.batch_size=2", "train.lr=0.005", "train.warmup_iters=1",
+        "train.epochs=1", "train.batch_size=2", "train.lr=0.005", "train.warmup_iters=1", "train.log_interval=1",
         "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}", "eval.batch_size=2",
     ])
     metrics = Trainer(cfg, progress=False).fit()

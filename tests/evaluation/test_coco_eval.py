@@ -22,7 +22,7 @@ from rsiseg.evaluation.coco import (
     stat_names,
     write_metrics,
 )
-from rsiseg.structures import rle_area, rle_to_xywh, segmentation_to_rle
+from rsiseg.structures import mask_to_rle, rle_area, rle_to_xywh, segmentation_to_rle
 
 SIZE = 800  # big enough for an object above the iSAID "large" bound of 512^2 px
 CATEGORIES = [{"id": 1, "name": "plane"}, {"id": 2, "name": "storage_tank"}, {"id": 3, "name": "ship"}]
@@ -322,3 +322,20 @@ def test_format_and_write_metrics(metrics_by_preset, tmp_path):
     write_metrics(metrics, path)
     assert json.loads(path.read_text()) == metrics
     assert '"ship": null' in path.read_text()
+
+
+def test_annotation_id_zero_is_evaluated_like_any_other() -> None:
+    """SSDD numbers annotations from 0; the evaluator uses 0 as its 'unmatched' marker."""
+    mask = np.zeros((50, 50), np.uint8)
+    mask[10:20, 10:30] = 1
+    gt = {
+        "images": [{"id": 1, "height": 50, "width": 50}],
+        "categories": [{"id": 1, "name": "ship"}],
+        "annotations": [{"id": 0, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 10], "area": 200,
+                         "iscrowd": 0, "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]}],
+    }
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 10], "score": 0.9,
+                "segmentation": mask_to_rle(mask)}]
+    metrics = evaluate_coco(gt, results)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert gt["annotations"][0]["id"] == 0

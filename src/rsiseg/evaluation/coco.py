@@ -165,10 +165,12 @@ def _load_gt(gt: dict[str, Any] | str | Path) -> tuple[dict[str, Any], str]:
 
 
 def _shallow_copy_gt(gt: dict[str, Any]) -> dict[str, Any]:
+    # Annotation ids are the evaluator's match markers, where 0 means "unmatched"; datasets such
+    # as SSDD start at 0. Results never refer to them, so they are renumbered 1..N.
     return {
         **gt,
         "images": [dict(img) for img in gt["images"]],
-        "annotations": [dict(ann) for ann in gt["annotations"]],
+        "annotations": [{**ann, "id": i} for i, ann in enumerate(gt["annotations"], start=1)],
         "categories": [dict(cat) for cat in gt["categories"]],
     }
 
