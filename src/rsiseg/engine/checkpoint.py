@@ -6,14 +6,14 @@ config, metrics}``; the resolved config inside it is all ``eval`` and ``predict`
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rsiseg.fileio import atomic_write
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -21,18 +21,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     A run killed while saving leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(state, handle), binary=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -12,8 +12,6 @@ Predictions follow the torchvision Mask R-CNN output contract, one dict per imag
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsiseg.fileio import atomic_write
 from rsiseg.structures import masks_to_rles, rle_area, xyxy_to_xywh
 
 # Masks are binarised this many at a time: the float probabilities of a dense scene
@@ -88,7 +87,7 @@ def prediction_to_coco(
     return entries
 
 
-def write_coco_results(results: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+def write_coco_results(results: list[dict[str, Any]], path: str | Path) -> Path:
     """Write COCO result entries as JSON, atomically.
 
     The JSON goes to a temporary file in the destination directory and is then moved into
@@ -101,19 +100,7 @@ def write_coco_results(results: list[dict[str, Any]], path: str | os.PathLike) -
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: json.dump(results, handle))
 
 
 def _check_fields(pred: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
