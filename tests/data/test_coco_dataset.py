@@ -57,6 +57,12 @@ def test_polygons_and_rle_decode_to_targets(tmp_path: Path) -> None:
     assert ds.label_to_category == [7, 9] and ds.class_names == ["ship", "tank"]
 
 
+def test_missing_area_is_derived_from_the_mask(tmp_path: Path) -> None:
+    ds = CocoInstanceDataset(write_dataset(tmp_path), tmp_path / "img")
+    areas = [a["area"] for a in ds.index.to_coco()["annotations"]]
+    assert areas == [300.0, 200.0]
+
+
 def test_image_without_instances_is_kept(tmp_path: Path) -> None:
     ds = CocoInstanceDataset(write_dataset(tmp_path), tmp_path / "img")
     assert len(ds) == 2

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsiseg.structures import rle_area, segmentation_to_rle
+
 log = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0  # exporters round coordinates; a box may overhang the border by this much
@@ -205,7 +207,11 @@ class _Checker:
         bbox = self.box(ann.get("bbox"), img, where)
         if bbox is None:
             return None
-        return {**ann, "segmentation": segm, "bbox": bbox, "iscrowd": int(ann.get("iscrowd", 0))}
+        area = ann.get("area")
+        if not isinstance(area, (int, float)):
+            # COCO evaluation needs the area for its size ranges; derive it as pycocotools would.
+            area = rle_area(segmentation_to_rle(segm, img["height"], img["width"])) if segm else bbox[2] * bbox[3]
+        return {**ann, "segmentation": segm, "bbox": bbox, "area": area, "iscrowd": int(ann.get("iscrowd", 0))}
 
     def polygons(self, segm: list[Any], where: str) -> list[list[float]] | None:
         good = []
