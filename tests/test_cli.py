@@ -68,3 +68,11 @@ def test_errors_are_one_line_messages(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "train.learning_rate" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_data_convert_hrsid(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "data", "convert", "hrsid", "--src", str(shared_data / "hrsid_samples"),
+                 "--out", str(tmp_path)]) == 0
+    coco = json.loads((tmp_path / "annotations" / "instances.json").read_text())
+    assert len(coco["images"]) == 4 and len(coco["annotations"]) == 146
+    assert '"instances": 146' in capsys.readouterr().out

@@ -122,6 +122,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.25)
     s.set_defaults(handler=_run_synth)
+    c = data_sub.add_parser(
+        "convert",
+        help="convert a published dataset format to COCO",
+        description="Convert a dataset in its published format to a COCO instances JSON. "
+        "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
+        "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). Images are not copied: "
+        "file_name is relative to --src, so pass --src as the images folder when training.",
+    )
+    c.add_argument("format", choices=["isaid", "hrsid"])
+    c.add_argument("--src", required=True, metavar="DIR", help="folder holding the scenes (searched recursively)")
+    c.add_argument("--out", required=True, metavar="DIR", help="writes DIR/annotations/instances.json")
+    c.add_argument("--min-area", type=int, default=1, help="drop (and count) instances under this many pixels")
+    c.set_defaults(handler=_run_convert)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -152,6 +165,17 @@ def _run_synth(args: argparse.Namespace) -> int:
     paths = write_synthetic_dataset(args.out, spec, progress=not args.quiet)
     for name, path in paths.items():
         print(f"{name:>6}: {path}")
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from rsiseg.data.converters.isaid import HRSID_CLASSES, ISAID_CLASSES, convert_isaid
+
+    classes = HRSID_CLASSES if args.format == "hrsid" else ISAID_CLASSES
+    summary = convert_isaid(args.src, args.out, min_area=args.min_area, progress=not args.quiet, classes=classes)
+    print(json.dumps({k: summary[k] for k in ("images", "instances", "skipped", "per_class")}, indent=1))
     return 0
 
 
