@@ -127,13 +127,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="convert a published dataset format to COCO",
         description="Convert a dataset in its published format to a COCO instances JSON. "
         "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
-        "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). Images are not copied: "
-        "file_name is relative to --src, so pass --src as the images folder when training.",
+        "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). ssdd: the SSDD COCO JSON "
+        "(SRC/annotations/*all*.json) split officially (numbers ending in 1 or 9 are test) with inshore/offshore "
+        "test subsets. Images are not copied: pass the source image folder when training.",
     )
-    c.add_argument("format", choices=["isaid", "hrsid"])
+    c.add_argument("format", choices=["isaid", "hrsid", "ssdd"])
     c.add_argument("--src", required=True, metavar="DIR", help="folder holding the scenes (searched recursively)")
     c.add_argument("--out", required=True, metavar="DIR", help="writes DIR/annotations/instances.json")
-    c.add_argument("--min-area", type=int, default=1, help="drop (and count) instances under this many pixels")
+    c.add_argument("--min-area", type=int, default=1, help="isaid/hrsid: drop (and count) instances under this area")
+    c.add_argument("--inshore", metavar="FILE", help="ssdd: inshore test images (COCO JSON or a list of names)")
     c.set_defaults(handler=_run_convert)
 
 
@@ -171,6 +173,11 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     import json
 
+    if args.format == "ssdd":
+        from rsiseg.data.converters.ssdd import convert_ssdd
+
+        print(json.dumps(convert_ssdd(args.src, args.out, inshore=args.inshore), indent=1))
+        return 0
     from rsiseg.data.converters.isaid import HRSID_CLASSES, ISAID_CLASSES, convert_isaid
 
     classes = HRSID_CLASSES if args.format == "hrsid" else ISAID_CLASSES
