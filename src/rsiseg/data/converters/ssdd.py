@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rsiseg.data.coco_index import DataError
+from rsiseg.data.converters.common import find_source_json, read_coco_json, subset
 
 TEST_DIGITS = {"1", "9"}
 
@@ -33,22 +34,6 @@ def is_official_test(file_name: str) -> bool:
     if match is None:
         raise DataError(f"SSDD image {file_name!r} has no number in its name; the official split needs one")
     return match.group(1)[-1] in TEST_DIGITS
-
-
-def find_source_json(src: Path, pattern: str) -> Path | None:
-    """The first JSON matching ``pattern`` in ``src/annotations`` or ``src``."""
-    for folder in (src / "annotations", src):
-        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        if found:
-            return found[0]
-    return None
-
-
-def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    """The images whose file_name is in ``names`` with their annotations; other keys are kept."""
-    images = [img for img in coco["images"] if img["file_name"] in names]
-    ids = {img["id"] for img in images}
-    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
 
 
 def read_name_list(path: Path) -> set[str]:
@@ -71,10 +56,7 @@ def convert_ssdd(src: str | Path, out: str | Path, inshore: str | Path | None = 
     all_json = find_source_json(src, "*all*.json") or find_source_json(src, "*.json")
     if all_json is None:
         raise DataError(f"{src}: no SSDD COCO JSON found (looked for annotations/*all*.json and *.json)")
-    try:
-        coco = json.loads(all_json.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{all_json}: malformed JSON: {err}") from None
+    coco = read_coco_json(all_json)
     test = {img["file_name"] for img in coco["images"] if is_official_test(img["file_name"])}
     splits = {"train": subset(coco, {img["file_name"] for img in coco["images"]} - test), "test": subset(coco, test)}
     inshore_path = Path(inshore) if inshore else find_source_json(src, "*inshore*.json")
