@@ -129,9 +129,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
         "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). ssdd: the SSDD COCO JSON "
         "(SRC/annotations/*all*.json) split officially (numbers ending in 1 or 9 are test) with inshore/offshore "
-        "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. Images are not copied: pass the source image folder when training.",
+        "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. yolo: YOLO-seg labels with SRC/data.yaml (numeric class names sorted as strings are mapped by name). Images are not copied: pass the source image folder when training.",
     )
-    c.add_argument("format", choices=["isaid", "hrsid", "ssdd", "nwpu"])
+    c.add_argument("format", choices=["isaid", "hrsid", "ssdd", "nwpu", "yolo"])
     c.add_argument("--src", required=True, metavar="DIR", help="folder holding the scenes (searched recursively)")
     c.add_argument("--out", required=True, metavar="DIR", help="writes DIR/annotations/instances.json")
     c.add_argument("--min-area", type=int, default=1, help="isaid/hrsid: drop (and count) instances under this area")
@@ -174,6 +174,11 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     import json
 
+    if args.format == "yolo":
+        from rsiseg.data.converters.yolo import convert_yolo
+
+        print(json.dumps(convert_yolo(args.src, args.out), indent=1))
+        return 0
     if args.format == "nwpu":
         from rsiseg.data.converters.nwpu import convert_nwpu
 
