@@ -138,6 +138,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--inshore", metavar="FILE", help="ssdd: inshore test images (COCO JSON or a list of names)")
     c.add_argument("--seed", type=int, default=0, help="nwpu: seed of the 7:3 train/val split")
     c.set_defaults(handler=_run_convert)
+    from rsiseg.commands import data_split
+
+    sp = data_sub.add_parser(
+        "split",
+        help="cut large scenes and their annotations into overlapping patches (iSAID devkit scheme)",
+        description="Cut scenes into size x size patches with the given overlap (stride = size - overlap; the "
+        "last patch of a row or column ends flush with the border; small images stay whole). Patch names and "
+        "image entries record the offsets (Pxxxx_y1_y2_x1_x2). Instances are clipped at patch borders.",
+    )
+    data_split.add_arguments(sp)
+    sp.set_defaults(handler=data_split.run)
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rsiseg.data.tiling import split_coco
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,15 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-empty-fraction", type=float, default=None, metavar="F",
                         help="keep this fraction of patches without instances (iSAID recipe: 0.3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the empty-patch draw")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     """Split the dataset and print the summary as JSON."""
+    from rsiseg.data.tiling import split_coco  # deferred: keeps `rsiseg --help` free of torch
+
     summary = split_coco(
         args.data, args.images, args.out, size=args.size, overlap=args.overlap,
         min_visible=args.min_visible, max_instances_per_image=args.max_instances,
-        max_empty_fraction=args.max_empty_fraction, seed=args.seed, progress=not getattr(args, "quiet", False),
+        max_empty_fraction=args.max_empty_fraction, seed=args.seed, progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2))
     return 0
