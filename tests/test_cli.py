@@ -76,3 +76,15 @@ def test_data_convert_hrsid(shared_data: Path, tmp_path: Path, capsys: pytest.Ca
     coco = json.loads((tmp_path / "annotations" / "instances.json").read_text())
     assert len(coco["images"]) == 4 and len(coco["annotations"]) == 146
     assert '"instances": 146' in capsys.readouterr().out
+
+
+def test_data_validate_and_stats_on_ssdd(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ann = str(shared_data / "ssdd" / "annotations" / "ssdd_instances_test_inshore.json")
+    images = str(shared_data / "ssdd" / "images")
+    assert main(["-q", "data", "validate", "--data", ann, "--images", images,
+                 "--report", str(tmp_path / "report.json")]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["errors"] == 0
+    assert main(["-q", "data", "stats", "--data", ann, "--images", images, "--out", str(tmp_path / "st")]) == 0
+    stats = json.loads((tmp_path / "st" / "stats.json").read_text())
+    assert stats["instances_per_class"] == {"ship": 172}
+    assert (tmp_path / "st" / "box_sizes.png").is_file()

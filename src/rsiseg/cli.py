@@ -149,6 +149,26 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     data_split.add_arguments(sp)
     sp.set_defaults(handler=data_split.run)
+    from rsiseg.commands import data_stats, data_validate
+
+    vp = data_sub.add_parser(
+        "validate",
+        help="check every image and annotation; --fix writes a repaired copy",
+        description="Check files exist and open, sizes match, polygons are valid, boxes lie inside the image and "
+        "agree with the mask, category and image ids are known, ids are unique. Prints a count per problem kind "
+        "with examples; exits 1 on errors. --fix writes a repaired copy and says what it changed.",
+    )
+    data_validate.add_arguments(vp)
+    vp.set_defaults(handler=data_validate.run)
+    st = data_sub.add_parser(
+        "stats",
+        help="class counts, objects per image, box sizes and foreground ratios (JSON + PNG figures)",
+        description="Write stats.json, stats.md and PNG figures: instances per class, objects per image, box size "
+        "distribution (32^2, 96^2 and iSAID 144^2 lines) and the foreground-pixel ratio bins of the Insight Any "
+        "Instance paper (Table I).",
+    )
+    data_stats.add_arguments(st)
+    st.set_defaults(handler=data_stats.run)
 
 
 def _run_train(args: argparse.Namespace) -> int:

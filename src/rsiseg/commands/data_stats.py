@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rsiseg.data.coco_index import DataError
-from rsiseg.data.stats import dataset_stats, stats_markdown, write_stats
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rsiseg data stats``."""
@@ -17,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute and write the statistics; returns 2 when the JSON cannot be read."""
+    from rsiseg.data.coco_index import DataError
+    from rsiseg.data.stats import dataset_stats, stats_markdown, write_stats
+
     try:
         stats = dataset_stats(args.data, args.images)
     except DataError as err:

@@ -6,9 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from rsiseg.data.coco_index import DataError
-from rsiseg.data.validate import UNFIXABLE, fix_coco, validate_coco
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rsiseg data validate``."""
@@ -21,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate ``args.data``; returns 1 when there are errors (warnings alone give 0), 2 for unreadable JSON."""
+    from rsiseg.data.coco_index import DataError
+    from rsiseg.data.validate import UNFIXABLE, fix_coco, validate_coco
+
     quiet = getattr(args, "quiet", False)
     try:
         report = validate_coco(args.data, args.images, check_images=not args.skip_images, progress=not quiet)

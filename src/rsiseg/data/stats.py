@@ -27,6 +27,8 @@ FOREGROUND_BIN_NAMES = ("[0, 0.1)", "[0.1, 0.2)", "[0.2, 1]")
 def dataset_stats(ann_file: str | Path, images_dir: str | Path | None = None) -> dict[str, Any]:
     """Statistics of a COCO instances JSON, all computed from the JSON alone.
 
+    Expects a dataset that passes ``rsiseg data validate`` (every annotation has a bbox).
+
     Args:
         ann_file: COCO instances JSON.
         images_dir: accepted for a uniform interface with the other data tools; not read, since
