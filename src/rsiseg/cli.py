@@ -129,12 +129,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
         "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). ssdd: the SSDD COCO JSON "
         "(SRC/annotations/*all*.json) split officially (numbers ending in 1 or 9 are test) with inshore/offshore "
-        "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. yolo: YOLO-seg labels with SRC/data.yaml (numeric class names sorted as strings are mapped by name). Images are not copied: pass the source image folder when training.",
+        "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. yolo: YOLO-seg labels with SRC/data.yaml (numeric class names sorted as strings are mapped by name). whu: building tiles with binary masks, instances by "
+        "connected components (--min-area). potsdam: ISPRS Potsdam RGB label tiles to class-index PNG masks (6 classes, "
+        "255 = undefined) for the point-supervised semantic task. Images are not copied: pass the source image folder when training.",
     )
-    c.add_argument("format", choices=["isaid", "hrsid", "ssdd", "nwpu", "yolo"])
+    c.add_argument("format", choices=["isaid", "hrsid", "ssdd", "nwpu", "yolo", "whu", "potsdam"])
     c.add_argument("--src", required=True, metavar="DIR", help="folder holding the scenes (searched recursively)")
     c.add_argument("--out", required=True, metavar="DIR", help="writes DIR/annotations/instances.json")
-    c.add_argument("--min-area", type=int, default=1, help="isaid/hrsid: drop (and count) instances under this area")
+    c.add_argument("--min-area", type=int, help="isaid/hrsid (default 1), whu (default 10): drop and count smaller instances")
     c.add_argument("--inshore", metavar="FILE", help="ssdd: inshore test images (COCO JSON or a list of names)")
     c.add_argument("--seed", type=int, default=0, help="nwpu: seed of the 7:3 train/val split")
     c.set_defaults(handler=_run_convert)
@@ -205,6 +207,16 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     import json
 
+    if args.format == "whu":
+        from rsiseg.data.converters.whu import convert_whu
+
+        print(json.dumps(convert_whu(args.src, args.out, min_area=10 if args.min_area is None else args.min_area), indent=1))
+        return 0
+    if args.format == "potsdam":
+        from rsiseg.data.converters.potsdam import convert_potsdam
+
+        print(json.dumps(convert_potsdam(args.src, args.out), indent=1))
+        return 0
     if args.format == "yolo":
         from rsiseg.data.converters.yolo import convert_yolo
 
@@ -223,7 +235,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from rsiseg.data.converters.isaid import HRSID_CLASSES, ISAID_CLASSES, convert_isaid
 
     classes = HRSID_CLASSES if args.format == "hrsid" else ISAID_CLASSES
-    summary = convert_isaid(args.src, args.out, min_area=args.min_area, progress=not args.quiet, classes=classes)
+    summary = convert_isaid(args.src, args.out, min_area=args.min_area or 1, progress=not args.quiet, classes=classes)
     print(json.dumps({k: summary[k] for k in ("images", "instances", "skipped", "per_class")}, indent=1))
     return 0
 
