@@ -151,7 +151,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     data_split.add_arguments(sp)
     sp.set_defaults(handler=data_split.run)
-    from rsiseg.commands import data_stats, data_validate
+    from rsiseg.commands import data_merge, data_stats, data_validate
+
+    mp = data_sub.add_parser(
+        "merge",
+        help="turn patch-level predictions back into scene coordinates",
+        description="Shift patch predictions (COCO results on the patch ids of a `data split` output) into their "
+        "scenes, fuse same-class instances cut by a patch border, and suppress duplicates from overlapping "
+        "patches by mask IoU / IoS within each class. Writes scene_predictions.json and scene_images.json.",
+    )
+    data_merge.add_arguments(mp)
+    mp.set_defaults(handler=data_merge.run)
 
     vp = data_sub.add_parser(
         "validate",
