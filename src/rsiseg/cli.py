@@ -6,6 +6,7 @@ Each subcommand imports its heavy modules only when it runs, so ``--help`` is in
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +20,27 @@ EPILOG = """examples:
   rsiseg eval --checkpoint runs/demo/best.pth --preset isaid
   rsiseg predict --checkpoint runs/demo/best.pth scene.png more_images/ --out predictions
 """
+
+
+# (name, help, description) of the `rsiseg data` commands whose bodies live in rsiseg/commands/data_<name>.py.
+DATA_COMMANDS = [
+    ("split", "cut large scenes and their annotations into overlapping patches (iSAID devkit scheme)",
+     "Cut scenes into size x size patches with the given overlap (stride = size - overlap; the last patch of a "
+     "row or column ends flush with the border; small images stay whole). Patch names and image entries record "
+     "the offsets (Pxxxx_y1_y2_x1_x2). Instances are clipped at patch borders."),
+    ("merge", "turn patch-level predictions back into scene coordinates",
+     "Shift patch predictions (COCO results on the patch ids of a `data split` output) into their scenes, fuse "
+     "same-class instances cut by a patch border, and suppress duplicates from overlapping patches by mask IoU / "
+     "IoS within each class. Writes scene_predictions.json and scene_images.json."),
+    ("validate", "check every image and annotation; --fix writes a repaired copy",
+     "Check files exist and open, sizes match, polygons are valid, boxes lie inside the image and agree with the "
+     "mask, category and image ids are known, ids are unique. Prints a count per problem kind with examples; "
+     "exits 1 on errors. --fix writes a repaired copy and says what it changed."),
+    ("stats", "class counts, objects per image, box sizes and foreground ratios (JSON + PNG figures)",
+     "Write stats.json, stats.md and PNG figures: instances per class, objects per image, box size distribution "
+     "(32^2, 96^2 and iSAID 144^2 lines) and the foreground-pixel ratio bins of the Insight Any Instance paper "
+     "(Table I)."),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,47 +162,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--inshore", metavar="FILE", help="ssdd: inshore test images (COCO JSON or a list of names)")
     c.add_argument("--seed", type=int, default=0, help="nwpu: seed of the 7:3 train/val split")
     c.set_defaults(handler=_run_convert)
-    from rsiseg.commands import data_split
-
-    sp = data_sub.add_parser(
-        "split",
-        help="cut large scenes and their annotations into overlapping patches (iSAID devkit scheme)",
-        description="Cut scenes into size x size patches with the given overlap (stride = size - overlap; the "
-        "last patch of a row or column ends flush with the border; small images stay whole). Patch names and "
-        "image entries record the offsets (Pxxxx_y1_y2_x1_x2). Instances are clipped at patch borders.",
-    )
-    data_split.add_arguments(sp)
-    sp.set_defaults(handler=data_split.run)
-    from rsiseg.commands import data_merge, data_stats, data_validate
-
-    mp = data_sub.add_parser(
-        "merge",
-        help="turn patch-level predictions back into scene coordinates",
-        description="Shift patch predictions (COCO results on the patch ids of a `data split` output) into their "
-        "scenes, fuse same-class instances cut by a patch border, and suppress duplicates from overlapping "
-        "patches by mask IoU / IoS within each class. Writes scene_predictions.json and scene_images.json.",
-    )
-    data_merge.add_arguments(mp)
-    mp.set_defaults(handler=data_merge.run)
-
-    vp = data_sub.add_parser(
-        "validate",
-        help="check every image and annotation; --fix writes a repaired copy",
-        description="Check files exist and open, sizes match, polygons are valid, boxes lie inside the image and "
-        "agree with the mask, category and image ids are known, ids are unique. Prints a count per problem kind "
-        "with examples; exits 1 on errors. --fix writes a repaired copy and says what it changed.",
-    )
-    data_validate.add_arguments(vp)
-    vp.set_defaults(handler=data_validate.run)
-    st = data_sub.add_parser(
-        "stats",
-        help="class counts, objects per image, box sizes and foreground ratios (JSON + PNG figures)",
-        description="Write stats.json, stats.md and PNG figures: instances per class, objects per image, box size "
-        "distribution (32^2, 96^2 and iSAID 144^2 lines) and the foreground-pixel ratio bins of the Insight Any "
-        "Instance paper (Table I).",
-    )
-    data_stats.add_arguments(st)
-    st.set_defaults(handler=data_stats.run)
+    for name, help_text, description in DATA_COMMANDS:
+        module = importlib.import_module(f"rsiseg.commands.data_{name}")  # each defers its heavy imports to run()
+        sp = data_sub.add_parser(name, help=help_text, description=description)
+        module.add_arguments(sp)
+        sp.set_defaults(handler=module.run)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -215,39 +201,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    import json
+    from rsiseg.commands.data_convert import run_convert
 
-    if args.format == "whu":
-        from rsiseg.data.converters.whu import convert_whu
-
-        print(json.dumps(convert_whu(args.src, args.out, min_area=10 if args.min_area is None else args.min_area), indent=1))
-        return 0
-    if args.format == "potsdam":
-        from rsiseg.data.converters.potsdam import convert_potsdam
-
-        print(json.dumps(convert_potsdam(args.src, args.out), indent=1))
-        return 0
-    if args.format == "yolo":
-        from rsiseg.data.converters.yolo import convert_yolo
-
-        print(json.dumps(convert_yolo(args.src, args.out), indent=1))
-        return 0
-    if args.format == "nwpu":
-        from rsiseg.data.converters.nwpu import convert_nwpu
-
-        print(json.dumps(convert_nwpu(args.src, args.out, seed=args.seed), indent=1))
-        return 0
-    if args.format == "ssdd":
-        from rsiseg.data.converters.ssdd import convert_ssdd
-
-        print(json.dumps(convert_ssdd(args.src, args.out, inshore=args.inshore), indent=1))
-        return 0
-    from rsiseg.data.converters.isaid import HRSID_CLASSES, ISAID_CLASSES, convert_isaid
-
-    classes = HRSID_CLASSES if args.format == "hrsid" else ISAID_CLASSES
-    summary = convert_isaid(args.src, args.out, min_area=args.min_area or 1, progress=not args.quiet, classes=classes)
-    print(json.dumps({k: summary[k] for k in ("images", "instances", "skipped", "per_class")}, indent=1))
-    return 0
+    return run_convert(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
