@@ -149,7 +149,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="convert a published dataset format to COCO",
         description="Convert a dataset in its published format to a COCO instances JSON. "
         "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
-        "15-class palette). hrsid: HRSID patches in the same PNG scheme (ships). ssdd: the SSDD COCO JSON "
+        "15-class palette). hrsid: the HRSID COCO JSON files (annotations/*.json), or its PNG id-mask variant (ships). ssdd: the SSDD COCO JSON "
         "(SRC/annotations/*all*.json) split officially (numbers ending in 1 or 9 are test) with inshore/offshore "
         "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. yolo: YOLO-seg labels with SRC/data.yaml (numeric class names sorted as strings are mapped by name). whu: building tiles with binary masks, instances by "
         "connected components (--min-area). potsdam: ISPRS Potsdam RGB label tiles to class-index PNG masks (6 classes, "

@@ -8,12 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _isaid(args: argparse.Namespace, hrsid: bool = False) -> dict[str, Any]:
-    from rsiseg.data.converters.isaid import HRSID_CLASSES, ISAID_CLASSES, convert_isaid
+def _isaid(args: argparse.Namespace) -> dict[str, Any]:
+    from rsiseg.data.converters.isaid import convert_isaid
 
-    summary = convert_isaid(args.src, args.out, min_area=args.min_area or 1, progress=not args.quiet,
-                            classes=HRSID_CLASSES if hrsid else ISAID_CLASSES)
+    summary = convert_isaid(args.src, args.out, min_area=args.min_area or 1, progress=not args.quiet)
     return {k: summary[k] for k in ("images", "instances", "skipped", "per_class")}
+
+
+def _hrsid(args: argparse.Namespace) -> dict[str, Any]:
+    from rsiseg.data.converters.hrsid import convert_hrsid
+
+    return convert_hrsid(args.src, args.out, min_area=args.min_area or 1, progress=not args.quiet)
 
 
 def _ssdd(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,7 +53,7 @@ def _potsdam(args: argparse.Namespace) -> dict[str, Any]:
 
 CONVERTERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "isaid": _isaid,
-    "hrsid": lambda args: _isaid(args, hrsid=True),
+    "hrsid": _hrsid,
     "ssdd": _ssdd,
     "nwpu": _nwpu,
     "yolo": _yolo,
