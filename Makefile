@@ -8,7 +8,7 @@ export UV_LINK_MODE := copy
 PY := .venv/bin/python
 DEMO_DIR := runs/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lint clean
 
 $(UV):
 	python3 -m pip install --quiet --disable-pip-version-check --target .tools/uv "uv==$(UV_VERSION)"
@@ -35,3 +35,6 @@ test-all: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+lint: install
+	.venv/bin/ruff check src tests bench tools

@@ -1,3 +1,5 @@
-from rsiseg.cli import main
 import sys
+
+from rsiseg.cli import main
+
 sys.exit(main())

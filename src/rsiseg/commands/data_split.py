@@ -6,7 +6,6 @@ import argparse
 import json
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``data split`` flags to ``parser``."""
     parser.add_argument("--data", required=True, metavar="ANNOTATIONS.json", help="COCO instances of the scenes")

@@ -94,7 +94,7 @@ def load_coco_index(ann_file: str | Path, image_dir: str | Path, repair: bool = 
             With ``repair=True`` per-annotation and missing-image problems become counted skips.
     """
     ann_file, image_dir = Path(ann_file), Path(image_dir)
-    raw = _read_json(ann_file)
+    raw = read_coco_json(ann_file)
     report = DataReport(str(ann_file))
     checker = _Checker(ann_file, image_dir, repair, report)
     categories = checker.categories(raw)
@@ -106,7 +106,12 @@ def load_coco_index(ann_file: str | Path, image_dir: str | Path, repair: bool = 
     return CocoIndex(ann_file, image_dir, kept, anns_by_image, categories, report)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """Read a COCO JSON with ``images``, ``annotations`` and ``categories`` lists.
+
+    Raises:
+        DataError: missing file, malformed JSON or a missing list, naming the file and field.
+    """
     try:
         with open(path) as fh:
             raw = json.load(fh)

@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from pycocotools import mask as mask_utils
 
-from rsiseg.data.coco_index import _read_json
+from rsiseg.data.coco_index import read_coco_json
 from rsiseg.structures import rle_area, segmentation_to_rle
 
 SIZE_MARKS = (32.0, 96.0, 144.0)
@@ -39,7 +39,7 @@ def dataset_stats(ann_file: str | Path, images_dir: str | Path | None = None) ->
         ``box_size`` (sqrt-area summary and counts per size range), ``foreground_ratio`` (mean and
         counts per bin), ``per_image`` rows and the raw ``box_sqrt_areas`` for figures.
     """
-    raw = _read_json(Path(ann_file))
+    raw = read_coco_json(Path(ann_file))
     names = {c["id"]: c["name"] for c in raw["categories"]}
     by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in raw["images"]}
     for ann in raw["annotations"]:

@@ -22,8 +22,20 @@ import numpy as np
 from tqdm import tqdm
 
 from rsiseg.data.synthetic_shapes import (
-    CATEGORY_IDS, Thing, cv_points, fill_mask, make_thing, paint_fields, paint_ground, paint_road,
-    paint_shadows, paint_thing, paint_water, rect, road_mask, to_image,
+    CATEGORY_IDS,
+    Thing,
+    cv_points,
+    fill_mask,
+    make_thing,
+    paint_fields,
+    paint_ground,
+    paint_road,
+    paint_shadows,
+    paint_thing,
+    paint_water,
+    rect,
+    road_mask,
+    to_image,
 )
 
 CATEGORIES: list[dict] = [

@@ -20,7 +20,7 @@ import shapely
 from PIL import Image
 from tqdm import tqdm
 
-from rsiseg.data.coco_index import BOX_TOLERANCE_PX, _read_json
+from rsiseg.data.coco_index import BOX_TOLERANCE_PX, read_coco_json
 from rsiseg.structures import rle_to_xywh, segmentation_to_rle
 
 ERROR, WARNING = "error", "warning"
@@ -136,7 +136,7 @@ def validate_coco(ann_file: str | Path, images_dir: str | Path, check_images: bo
     Raises:
         DataError: when the file is not a COCO object at all (unreadable, no images/annotations/categories).
     """
-    raw = _read_json(Path(ann_file))
+    raw = read_coco_json(Path(ann_file))
     report = ValidationReport(str(ann_file), len(raw["images"]), len(raw["annotations"]), len(raw["categories"]))
     category_ids = _check_categories(raw["categories"], report)
     images = _check_image_entries(raw["images"], report)
@@ -256,7 +256,7 @@ def fix_coco(ann_file: str | Path, unusable_images: Iterable[int] = ()) -> tuple
     left); clips boxes to the image; recomputes boxes from the mask when missing or inconsistent;
     renumbers duplicate annotation ids. Kinds in :data:`UNFIXABLE` are left as they are.
     """
-    raw = copy.deepcopy(_read_json(Path(ann_file)))
+    raw = copy.deepcopy(read_coco_json(Path(ann_file)))
     actions: Counter = Counter()
     unusable = set(unusable_images)
     if unusable:

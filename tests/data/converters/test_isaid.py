@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 
 from rsiseg.data.converters.isaid import (
-    HRSID_CLASSES, ISAID_CLASSES, convert_isaid, instances_from_pngs,
+    HRSID_CLASSES,
+    ISAID_CLASSES,
+    convert_isaid,
+    instances_from_pngs,
 )
 from rsiseg.structures import segmentation_to_mask
 

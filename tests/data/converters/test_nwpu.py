@@ -26,7 +26,7 @@ def test_seeded_split(tmp_path: Path) -> None:
     src = write_source(tmp_path / "src")
     first = convert_nwpu(src, tmp_path / "a", seed=1)
     again = convert_nwpu(src, tmp_path / "b", seed=1)
-    other = convert_nwpu(src, tmp_path / "c", seed=2)
+    convert_nwpu(src, tmp_path / "c", seed=2)
     assert first == again and first["train"]["images"] == 14 and first["val"]["images"] == 6
     assert first["train"]["instances"] + first["val"]["instances"] == sum(i % 3 for i in range(1, 21))
     read = lambda d, s: {i["file_name"] for i in json.loads((tmp_path / d / "annotations" / f"nwpu_instances_{s}.json").read_text())["images"]}  # noqa: E731

@@ -2,23 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-from rsiseg.data.coco_index import DataError
-
-
-def read_coco_json(path: Path) -> dict[str, Any]:
-    """Read a COCO JSON; malformed files raise :class:`DataError` naming the file."""
-    try:
-        coco = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON: {err}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise DataError(f"{path}: field {key!r} is missing or not a list")
-    return coco
 
 
 def find_source_json(src: Path, pattern: str) -> Path | None:

@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rsiseg.data.coco_index import DataError
-from rsiseg.data.converters.common import read_coco_json
+from rsiseg.data.coco_index import DataError, read_coco_json
 from rsiseg.data.converters.isaid import HRSID_CLASSES, convert_isaid
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from rsiseg.data.coco_index import DataError
-from rsiseg.data.converters.common import find_source_json, read_coco_json, subset
+from rsiseg.data.coco_index import DataError, read_coco_json
+from rsiseg.data.converters.common import find_source_json, subset
 
 
 def split_names(names: list[str], train_fraction: float, seed: int) -> tuple[set[str], set[str]]:

@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rsiseg.data.coco_index import DataError
-from rsiseg.data.converters.common import find_source_json, read_coco_json, subset
+from rsiseg.data.coco_index import DataError, read_coco_json
+from rsiseg.data.converters.common import find_source_json, subset
 
 TEST_DIGITS = {"1", "9"}
 
