@@ -79,10 +79,26 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
+def is_band_first(shape: tuple[int, ...]) -> bool:
+    """True for a ``[C, H, W]`` raster shape (the GeoTIFF layout): a short leading axis of <= 32 bands."""
+    return len(shape) == 3 and shape[0] < min(shape[1:]) and shape[0] <= 32
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.series[0].shape
+        return (shape[1], shape[2]) if is_band_first(shape) else (shape[0], shape[1])
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     array = tifffile.imread(path)
-    if array.ndim == 3 and array.shape[0] < min(array.shape[1:]) and array.shape[0] <= 32:
-        array = np.transpose(array, (1, 2, 0))  # band-first GeoTIFF layout
-    return array
+    return np.transpose(array, (1, 2, 0)) if is_band_first(array.shape) else array

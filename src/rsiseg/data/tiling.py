@@ -27,12 +27,12 @@ from shapely.validation import make_valid
 from tqdm import tqdm
 
 from rsiseg.data.coco_index import DataReport
+from rsiseg.data.io import TIFF_SUFFIXES, image_size, is_band_first
 from rsiseg.structures import mask_to_rle, segmentation_to_mask
 
 logger = logging.getLogger(__name__)
 
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive
-TIFF_SUFFIXES = {".tif", ".tiff"}
 
 
 def _starts(length: int, size: int, stride: int) -> list[int]:
@@ -208,7 +208,7 @@ def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path) -> 
         import tifffile
 
         array = tifffile.imread(src)
-        band_first = array.ndim == 3 and array.shape[0] < min(array.shape[1:]) and array.shape[0] <= 32
+        band_first = is_band_first(array.shape)
         for p in patches:
             y1, y2, x1, x2 = p.window
             crop = array[:, y1:y2, x1:x2] if band_first else array[y1:y2, x1:x2]
@@ -222,21 +222,6 @@ def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path) -> 
         for p in patches:
             y1, y2, x1, x2 = p.window
             img.crop((x1, y1, x2, y2)).save(out_images / _patch_name(src.name, p.window), format=img.format)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file without decoding it."""
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape
-        band_first = len(shape) == 3 and shape[0] < min(shape[1:]) and shape[0] <= 32
-        return (shape[1], shape[2]) if band_first else (shape[0], shape[1])
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.height, img.width
 
 
 def split_coco(
@@ -281,7 +266,7 @@ def split_coco(
         if not src.is_file():
             report.add("scene image missing", str(src))
             continue
-        if _image_size(src) != (int(scene["height"]), int(scene["width"])):
+        if image_size(src) != (int(scene["height"]), int(scene["width"])):
             report.add("scene size differs from JSON", str(src))
             continue
         patches = _plan_scene(scene, anns_by_image.get(scene["id"], []), size, overlap, min_visible, report)

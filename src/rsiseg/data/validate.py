@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rsiseg.data.coco_index import BOX_TOLERANCE_PX, read_coco_json
+from rsiseg.data.io import TIFF_SUFFIXES, image_size
 from rsiseg.structures import rle_to_xywh, segmentation_to_rle
 
 ERROR, WARNING = "error", "warning"
@@ -347,13 +348,9 @@ def _image_problem(path: Path, img: dict[str, Any]) -> tuple[str | None, str]:
     if not path.is_file():
         return "missing image file", f"{path} not found"
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if path.suffix.lower() in TIFF_SUFFIXES:
             # PIL cannot open multiband or float GeoTIFFs, which are common in remote sensing.
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                height, width = page.imagelength, page.imagewidth
+            height, width = image_size(path)
         else:
             with Image.open(path) as im:
                 width, height = im.size

@@ -48,11 +48,22 @@ def load_model(checkpoint: str | Path, device: str = "auto", overrides: dict[str
     Args:
         overrides: ``ModelConfig`` fields to change for inference (e.g. ``detections_per_img``).
     """
-    state = load_checkpoint(checkpoint)
+    return model_from_state(load_checkpoint(checkpoint), device, overrides, source=str(checkpoint))
+
+
+def stored_config(state: dict[str, Any], source: str = "checkpoint") -> ExperimentConfig:
+    """The experiment config stored in a loaded checkpoint."""
+    return config_from_dict(state["config"], source=f"{source} (stored config)")
+
+
+def model_from_state(
+    state: dict[str, Any], device: str = "auto", overrides: dict[str, Any] | None = None, source: str = "checkpoint"
+) -> LoadedModel:
+    """:func:`load_model` for a checkpoint already read with :func:`load_checkpoint`."""
     raw = state["config"]
     if overrides:
         raw = {**raw, "model": {**raw["model"], **overrides}}
-    cfg = config_from_dict(raw, source=f"{checkpoint} (stored config)")
+    cfg = config_from_dict(raw, source=f"{source} (stored config)")
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
     dev = select_device(device)
