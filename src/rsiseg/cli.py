@@ -78,30 +78,40 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model from a YAML experiment config",
         description="Train the model a config describes. Writes config.yaml, last.pth, best.pth, metrics.jsonl, "
-        "curves.png and TensorBoard logs to train.output_dir.",
+        "curves.png and TensorBoard logs to train.output_dir; a folder holding a previous run is refused unless "
+        "--resume or --overwrite is given. Ctrl-C stops with exit code 130 and keeps the last checkpoint.",
         epilog="Override any config key with section.key=value, e.g. train.lr=0.01 model.num_classes=2 "
         "train.output_dir=runs/try2. Values are read as YAML ([8, 16], null, 1e-3).",
     )
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.pth exactly")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.pth exactly")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace a previous run in train.output_dir (without it such a folder is refused)")
     p.set_defaults(handler=_run_train)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="COCO bbox/segm evaluation of a checkpoint",
-        description="Compute the 12 COCO statistics for bbox and segm, plus per-class AP. The data defaults to "
-        "the validation split stored in the checkpoint's config. Writes metrics.json, results.json and a table.",
+        help="COCO bbox/segm evaluation of a checkpoint or of a results file",
+        description="Compute the 12 COCO statistics for bbox and segm, plus per-class AP, of a checkpoint "
+        "(--checkpoint; the data defaults to the validation split stored in its config) or of a COCO results "
+        "file from any tool (--predictions R.json --data GT.json, e.g. data merge's scene_predictions.json). "
+        "The model's classes must name the data's categories (ids may differ): --class-map maps other names. "
+        "Writes metrics.json, metrics.md, a table, and with a checkpoint results.json.",
     )
-    p.add_argument("--checkpoint", required=True, help="a .pth written by rsiseg train")
+    p.add_argument("--checkpoint", help="a .pth written by rsiseg train")
+    p.add_argument("--predictions", metavar="RESULTS.json", help="score this COCO results file instead (needs --data)")
     p.add_argument("--data", metavar="ANNOTATIONS.json", help="COCO ground truth to evaluate on")
     p.add_argument("--images", metavar="DIR", help="image folder of --data (default: the JSON's folder)")
     p.add_argument("--preset", choices=["coco", "isaid"], help="coco: maxDets 1/10/100, areas 32^2/96^2; "
                    "isaid: maxDets 1/10/1000, areas 144^2/512^2 (default: the config's eval.preset)")
     p.add_argument("--max-dets", type=int, nargs=3, metavar=("D1", "D2", "D3"), help="override the maxDets")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--class-map", nargs="+", metavar="MODEL=DATA",
+                   help="model class names that the data names differently, e.g. boat=ship")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <checkpoint or predictions folder>/eval)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(handler=_run_eval)
 
@@ -116,7 +126,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .pth written by rsiseg train")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--from-coco", metavar="ANNOTATIONS.json", help="predict the images a COCO JSON lists")
+    p.add_argument("--from-coco", metavar="ANNOTATIONS.json",
+                   help="predict the images a COCO JSON lists; results keep its image and category ids")
+    p.add_argument("--class-map", nargs="+", metavar="MODEL=DATA",
+                   help="with --from-coco: model class names that the JSON names differently")
     p.add_argument("--images", metavar="DIR", help="image folder of --from-coco (default: the JSON's folder)")
     p.add_argument("--limit", type=int, help="predict at most this many images")
     p.add_argument("--score-threshold", type=float, default=0.3, help="drop detections below (default 0.3)")
@@ -174,7 +187,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from rsiseg.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    Trainer(cfg, resume=args.resume, progress=not args.quiet).fit()
+    try:
+        Trainer(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite).fit()
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; every file is written atomically
+        print(f"rsiseg train: {str(err) or 'interrupted before training started'}", file=sys.stderr)
+        return 130
     return 0
 
 

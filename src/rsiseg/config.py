@@ -12,8 +12,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,16 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+# Known names. The lists they mirror live in upper layers (evaluation.coco.PRESETS and IOU_TYPES,
+# models.backbones.resnet_fpn.NORMS, engine.optim); tests/test_config.py keeps them in step.
+PRESETS = ("coco", "isaid")
+IOU_TYPES = ("bbox", "segm")
+NORMS = ("frozen_bn", "bn", "gn")
+PRETRAINED = ("none", "imagenet")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "step", "plateau", "constant")
+
+
 @dataclass
 class DataConfig:
     """Where the COCO data lives and how it is augmented."""
@@ -34,7 +47,7 @@ class DataConfig:
     val_ann: str | None = None
     val_images: str | None = None
     repair: bool = False  # skip (and count) bad annotations instead of stopping with an error
-    num_workers: int = 0
+    num_workers: int | None = None  # loader processes; null = the CPU cores available (at most 8)
     hflip: float = 0.5  # probabilities of each augmentation
     vflip: float = 0.5
     rot90: float = 0.5
@@ -111,8 +124,9 @@ class TrainConfig:
     best_metric: str = "segm/AP"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_interval: int = 20
+    log_interval: int = 20  # iterations between log lines (losses, lr, s/iter, ETA)
     tensorboard: bool = True
+    time_budget: float | None = None  # minutes of training per invocation, then checkpoint + final eval; null = off
 
 
 @dataclass
@@ -139,7 +153,11 @@ class ExperimentConfig:
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    """Build an :class:`ExperimentConfig` from nested dicts, rejecting unknown keys."""
+    """Build an :class:`ExperimentConfig` from nested dicts, rejecting unknown keys and bad values."""
+    return validate_config(_parse(raw, source), source)
+
+
+def _parse(raw: dict[str, Any], source: str) -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     return _build(ExperimentConfig, raw, source, prefix="")
@@ -156,11 +174,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    cfg = config_from_dict(raw, source)
-    return apply_overrides(cfg, overrides or [])
+    cfg = _parse(raw, source)  # validated once the overrides are in: one may mend a file's value
+    if not overrides:
+        return validate_config(cfg, source)
+    return apply_overrides(cfg, overrides, source=f"{source} with overrides")
 
 
-def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str], source: str = "overrides") -> ExperimentConfig:
     """Apply ``section.key=value`` strings; values are parsed as YAML (``[1, 2]``, ``null``, ``1e-3``)."""
     raw = to_dict(cfg)
     for item in overrides:
@@ -176,7 +196,7 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {key.strip()!r} in override {item!r}")
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-    return config_from_dict(raw, "overrides")
+    return config_from_dict(raw, source)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -185,9 +205,135 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    from rsiseg.fileio import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+
+
+# A check returns None for a good value, else what the value must be.
+Check = Callable[[Any], str | None]
+
+
+def _rule(test: Callable[[Any], bool], requirement: str) -> Check:
+    return lambda value: None if test(value) else requirement
+
+
+def _optional(check: Check, meaning: str) -> Check:
+    return lambda value: None if value is None else (
+        None if check(value) is None else f"{check(value)}, or null ({meaning})")
+
+
+def _one_of(names: tuple[str, ...]) -> Check:
+    return _rule(lambda value: value in names, f"must be one of {', '.join(names)}")
+
+
+_POSITIVE = _rule(lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+_FRACTION = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_POSITIVE_LISTS = _rule(lambda v: len(v) > 0 and all(len(x) > 0 and all(y > 0 for y in x) for x in v),
+                        "must be a non-empty list of non-empty lists of positive numbers")
+
+RULES: dict[str, Check] = {
+    "data.num_workers": _optional(_NON_NEGATIVE, "auto"),
+    **{f"data.{k}": _FRACTION for k in ("hflip", "vflip", "rot90")},
+    "data.color_jitter": _NON_NEGATIVE,
+    "data.scale_range": _rule(lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+                              "must be two positive numbers [low, high] with low <= high"),
+    "data.max_size": _optional(_POSITIVE, "no resize"),
+    **{f"model.{k}": _POSITIVE for k in ("num_classes", "in_channels", "fpn_channels", "min_size", "max_size",
+                                         "rpn_batch_size_per_image", "roi_batch_size_per_image",
+                                         "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                                         "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test")},
+    "model.pretrained": _one_of(PRETRAINED),
+    "model.norm": _one_of(NORMS),
+    "model.trainable_layers": _rule(lambda v: 0 <= v <= 5, "must be in 0..5"),
+    "model.image_std": _rule(lambda v: all(x > 0 for x in v), "must hold positive numbers"),
+    "model.anchor_sizes": _POSITIVE_LISTS,
+    "model.anchor_ratios": _POSITIVE_LISTS,
+    **{f"model.{k}": _FRACTION for k in ("rpn_fg_iou", "rpn_bg_iou", "rpn_positive_fraction", "rpn_nms_thresh",
+                                         "roi_fg_iou", "roi_bg_iou", "roi_positive_fraction",
+                                         "box_score_thresh", "box_nms_thresh")},
+    "model.detections_per_img": _rule(lambda v: 1 <= v <= 1000, "must be in 1..1000"),
+    "train.output_dir": _rule(lambda v: bool(v.strip()), "must name a folder"),
+    "train.epochs": _POSITIVE,
+    "train.max_iters": _optional(_POSITIVE, "epochs decide"),
+    "train.batch_size": _POSITIVE,
+    "train.optimizer": _one_of(OPTIMIZERS),
+    "train.lr": _POSITIVE,
+    "train.momentum": _FRACTION,
+    **{f"train.{k}": _NON_NEGATIVE for k in ("weight_decay", "norm_weight_decay", "backbone_lr_mult",
+                                             "roi_heads_lr_mult", "warmup_iters", "plateau_patience",
+                                             "eval_interval", "checkpoint_interval")},
+    "train.scheduler": _one_of(SCHEDULERS),
+    "train.warmup_factor": _FRACTION,
+    "train.min_lr_factor": _FRACTION,
+    "train.step_epochs": _rule(lambda v: all(e >= 0 for e in v), "must hold epochs >= 0"),
+    "train.step_gamma": _POSITIVE,
+    "train.plateau_mode": _one_of(("max", "min")),
+    "train.plateau_factor": _rule(lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "train.grad_clip": _optional(_POSITIVE, "no clipping"),
+    "train.device": _rule(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+                          "must be auto, cpu, cuda, cuda:N or mps"),
+    "train.log_interval": _POSITIVE,
+    "train.time_budget": _optional(_POSITIVE, "off"),
+    "eval.preset": _one_of(PRESETS),
+    "eval.max_dets": _optional(_rule(lambda v: len(v) == 3 and 0 < v[0] < v[1] < v[2],
+                                     "must be three increasing positive ints"), "the preset's"),
+    "eval.iou_types": _rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(IOU_TYPES),
+                            f"must be a non-empty list of distinct names from {', '.join(IOU_TYPES)}"),
+    "eval.score_threshold": _FRACTION,
+    "eval.mask_threshold": _FRACTION,
+    "eval.batch_size": _POSITIVE,
+}
+
+
+def validate_config(cfg: ExperimentConfig, source: str = "config") -> ExperimentConfig:
+    """Check every value against :data:`RULES` and the rules that tie two keys together.
+
+    Returns:
+        ``cfg`` itself, when every value is valid.
+
+    Raises:
+        ConfigError: naming each bad dotted key, its value and what it must be.
+    """
+    flat = dict(_leaves(to_dict(cfg)))
+    # NaN passes no comparison and inf passes "> 0", so non-finite numbers are refused first, everywhere.
+    non_finite = [key for key, value in flat.items()
+                  if any(isinstance(x, float) and not math.isfinite(x) for x in _numbers(value))]
+    problems = [f"{key!r} = {flat[key]!r} must be a finite number" for key in non_finite]
+    for key, check in RULES.items():
+        requirement = None if key in non_finite else check(flat[key])
+        if requirement:
+            problems.append(f"{key!r} = {flat[key]!r} {requirement}")
+    model = cfg.model
+    for stage in ("rpn", "roi"):
+        low, high = getattr(model, f"{stage}_bg_iou"), getattr(model, f"{stage}_fg_iou")
+        if low > high:
+            problems.append(f"'model.{stage}_bg_iou' = {low!r} must be <= model.{stage}_fg_iou ({high!r})")
+    for key in ("image_mean", "image_std"):
+        if len(getattr(model, key)) != model.in_channels:
+            problems.append(f"'model.{key}' has {len(getattr(model, key))} values but model.in_channels is "
+                            f"{model.in_channels}: give one per band")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return cfg
+
+
+def _leaves(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _numbers(value: Any) -> Iterator[Any]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    else:
+        yield value
 
 
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:

@@ -1,15 +1,21 @@
 """Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``.
 
 A reader, or a run killed mid-write, never sees a half-written file: the old one stays intact.
+A process killed outright (SIGKILL, power loss) can leave its temp file behind; such files are
+named ``.<name>.<8 random chars>.tmp`` and :func:`remove_stale_temp_files` clears them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+# The names tempfile.mkstemp gives with the prefix and suffix atomic_write uses.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: bool = False) -> Path:
@@ -27,3 +33,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: boo
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def stale_temp_files(folder: str | Path) -> list[Path]:
+    """The temp files :func:`atomic_write` left in ``folder`` (not its subfolders) when killed mid-write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TEMP_NAME.fullmatch(p.name) and p.is_file())
+
+
+def remove_stale_temp_files(folder: str | Path) -> tuple[int, int]:
+    """Delete :func:`stale_temp_files`; returns how many files and bytes were removed.
+
+    Call it only where no other process is writing into ``folder``.
+    """
+    count = size = 0
+    for path in stale_temp_files(folder):
+        size += path.stat().st_size
+        path.unlink(missing_ok=True)
+        count += 1
+    return count, size

@@ -95,3 +95,79 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 def _bytes_counts(rle: dict[str, Any]) -> dict[str, Any]:
     counts = rle["counts"]
     return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def rle_counts(rle: dict[str, Any]) -> np.ndarray:
+    """Run lengths ``int64 [R]`` of a COCO RLE (compressed or not), column-major, starting with a 0-run.
+
+    The compressed ``counts`` string is decoded with numpy (pycocotools' LEB128-like format:
+    5 bits per character, a continuation bit, a sign bit, and each count from the third on
+    stored relative to the one two places before), so no full-size raster is made.
+    """
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return np.asarray(counts, dtype=np.int64)
+    chars = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, dtype=np.uint8)
+    if len(chars) == 0:
+        return np.zeros(0, dtype=np.int64)
+    c = chars.astype(np.int64) - 48
+    last = (c & 0x20) == 0  # the final character of each value
+    group = np.concatenate([[0], np.cumsum(last)[:-1]])
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    shift = 5 * (np.arange(len(c)) - starts[group])
+    values = np.bincount(group, weights=(c & 0x1F) << shift).astype(np.int64)
+    ends = np.flatnonzero(last)
+    chunks = ends - starts + 1
+    negative = (c[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(np.int64(1), 5 * chunks[negative])
+    values[3::2] = np.cumsum(np.concatenate([values[1:2], values[3::2]]))[1:]
+    values[4::2] = np.cumsum(values[2::2])[1:]
+    return values
+
+
+def rle_to_window(rle: dict[str, Any], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """The part ``[y0:y1, x0:x1]`` of an RLE mask as ``uint8 [y1 - y0, x1 - x0]``.
+
+    Only the columns ``x0..x1`` are expanded (``H x (x1 - x0)`` values), never the whole image.
+    """
+    height, width = (int(v) for v in rle["size"])
+    if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
+        raise ValueError(f"window x {x0}..{x1}, y {y0}..{y1} is outside the {width}x{height} RLE")
+    ends = np.cumsum(rle_counts(rle))
+    starts = np.concatenate([[0], ends[:-1]])
+    lo, hi = x0 * height, x1 * height
+    run_starts, run_ends = np.clip(starts[1::2], lo, hi) - lo, np.clip(ends[1::2], lo, hi) - lo
+    edges = np.zeros(hi - lo + 1, dtype=np.int32)
+    np.add.at(edges, run_starts, 1)
+    np.add.at(edges, run_ends, -1)
+    columns = np.cumsum(edges[:-1]).astype(np.uint8).reshape(x1 - x0, height)
+    return np.ascontiguousarray(columns.T[y0:y1])
+
+
+def window_to_rle(local: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict[str, Any]:
+    """Compressed, JSON-ready RLE of an ``H x W`` image that is zero outside one window.
+
+    Args:
+        local: ``[h, w]`` mask (bool or {0, 1}) of the window ``[y0:y0+h, x0:x0+w]``, which must
+            lie inside the image.
+        x0, y0: the window's top-left pixel.
+        height, width: the image size H, W.
+
+    Returns:
+        ``{"size": [H, W], "counts": str}``, identical to encoding the full-size mask; built from
+        the window's transitions alone, so the cost grows with the window, not the image.
+    """
+    h, w = local.shape
+    if not (0 <= x0 and x0 + w <= width and 0 <= y0 and y0 + h <= height):
+        raise ValueError(f"window {w}x{h} at ({x0}, {y0}) is outside the {width}x{height} image")
+    padded = np.zeros((w, h + 2), dtype=np.int8)
+    padded[:, 1:-1] = local.T != 0
+    cols, rows = np.nonzero(np.diff(padded, axis=1))  # column-major order, as COCO RLE counts
+    positions = (x0 + cols).astype(np.int64) * height + (y0 + rows)
+    # A run reaching the bottom of one column and the top of the next gives the same position twice.
+    positions, repeats = np.unique(positions, return_counts=True)
+    positions = positions[(repeats == 1) & (positions < height * width)]
+    counts = np.diff(np.concatenate([[0], positions, [height * width]]))
+    height, width = int(height), int(width)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}

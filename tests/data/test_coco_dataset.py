@@ -15,7 +15,8 @@ from rsiseg.config import DataConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.coco_index import DataError
 from rsiseg.data.transforms import build_train_transforms
-from rsiseg.structures import mask_to_rle
+from rsiseg.masks import InstanceMasks
+from rsiseg.structures import mask_to_rle, segmentation_to_mask
 
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 25.0, 10.0, 25.0]  # 20 x 15 px
 
@@ -51,8 +52,12 @@ def test_polygons_and_rle_decode_to_targets(tmp_path: Path) -> None:
     assert image.shape == (3, 48, 64) and image.dtype == torch.float32
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert target["labels"].tolist() == [1, 2]  # category ids 7, 9 -> labels 1, 2
-    assert target["masks"].shape == (2, 48, 64) and target["masks"].dtype == torch.uint8
-    assert int(target["masks"][1].sum()) == 200
+    masks = target["masks"]
+    assert isinstance(masks, InstanceMasks) and len(masks) == 2 and masks.image_size == (48, 64)
+    assert masks.areas().tolist()[1] == 200
+    full = masks.to_full()
+    assert full.shape == (2, 48, 64) and full.dtype == torch.uint8
+    assert torch.equal(full[1], torch.from_numpy(segmentation_to_mask(ds.index.anns_by_image[1][1]["segmentation"], 48, 64)))
     assert torch.allclose(target["boxes"][1], torch.tensor([40.0, 30.0, 60.0, 40.0]))
     assert ds.label_to_category == [7, 9] and ds.class_names == ["ship", "tank"]
 
@@ -67,7 +72,7 @@ def test_image_without_instances_is_kept(tmp_path: Path) -> None:
     ds = CocoInstanceDataset(write_dataset(tmp_path), tmp_path / "img")
     assert len(ds) == 2
     _, target = ds[1]
-    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 48, 64)
+    assert target["boxes"].shape == (0, 4) and len(target["masks"]) == 0
 
 
 def test_grey_uint16_png_is_repeated_to_three_bands(tmp_path: Path) -> None:
@@ -102,15 +107,36 @@ def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path: Path) -> None:
     first, second = make(), make()
     a_img, a_t = first[0]
     b_img, b_t = second[0]
-    assert torch.equal(a_img, b_img) and torch.equal(a_t["masks"], b_t["masks"])
+    assert torch.equal(a_img, b_img) and torch.equal(a_t["masks"].to_full(), b_t["masks"].to_full())
     draws = set()
     for epoch in range(6):
         first.set_epoch(epoch)
         img, target = first[0]
         draws.add(tuple(target["boxes"].flatten().tolist()))
-        assert target["masks"].sum(dim=(1, 2)).tolist() == [300, 200]  # flips/rot90 keep areas
-        assert torch.equal(target["boxes"], _tight_boxes(target["masks"]))
+        full = target["masks"].to_full()
+        assert full.sum(dim=(1, 2)).tolist() == [300, 200]  # flips/rot90 keep areas
+        assert torch.equal(target["boxes"], _tight_boxes(full))
     assert len(draws) > 1
+
+
+@pytest.mark.parametrize("scale_range", [[1.0, 1.0], [0.6, 1.7]])
+def test_image_and_masks_move_together(tmp_path: Path, scale_range: list[float]) -> None:
+    """The image is white exactly on its instances; after any draw its white pixels are the masks."""
+    path = write_dataset(tmp_path)
+    ds = CocoInstanceDataset(path, tmp_path / "img")
+    union = ds[0][1]["masks"].to_full().amax(0).numpy()
+    Image.fromarray(np.repeat(union[..., None] * 255, 3, axis=2).astype(np.uint8)).save(tmp_path / "img" / "a.png")
+    cfg = DataConfig(hflip=0.5, vflip=0.5, rot90=1.0, scale_range=scale_range)
+    ds = CocoInstanceDataset(path, tmp_path / "img", transforms=build_train_transforms(cfg, 3), seed=1)
+    shapes = set()
+    for epoch in range(8):
+        image, target = ds[(0, epoch)]
+        white = image[0] > 0.5
+        masks = target["masks"].to_full().amax(0).bool()
+        shapes.add(tuple(white.shape))
+        assert white.shape == masks.shape
+        assert (white ^ masks).float().mean() < (0.02 if scale_range != [1.0, 1.0] else 1e-9)
+    assert len(shapes) > 1  # rotations (and scales) happened
 
 
 def _tight_boxes(masks: torch.Tensor) -> torch.Tensor:

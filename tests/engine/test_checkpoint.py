@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from rsiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from rsiseg.fileio import remove_stale_temp_files, stale_temp_files
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,3 +60,14 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_temp_files_of_a_killed_write_are_found_and_removed(tmp_path: Path) -> None:
+    handle, orphan = tempfile.mkstemp(prefix=".last.pth.", suffix=".tmp", dir=tmp_path)  # as atomic_write names it
+    os.write(handle, b"x" * 10)
+    os.close(handle)
+    for name in ("last.pth", ".hidden.tmp", "notes.tmp"):  # not atomic_write's
+        (tmp_path / name).write_text("keep")
+    assert stale_temp_files(tmp_path) == [Path(orphan)]
+    assert remove_stale_temp_files(tmp_path) == (1, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden.tmp", "last.pth", "notes.tmp"]

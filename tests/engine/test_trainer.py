@@ -10,7 +10,8 @@ import torch
 
 from rsiseg.config import config_from_dict
 from rsiseg.engine.checkpoint import load_checkpoint
-from rsiseg.engine.trainer import Trainer, epoch_batches
+from rsiseg.engine.sampler import epoch_batches
+from rsiseg.engine.trainer import Trainer
 from tests.conftest import tiny_config_dict
 
 

@@ -10,6 +10,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
+from rsiseg.inference.paste import paste_full
+from tests.inference.roi_predictions import roi_prediction
 
 
 def _pred(scores: list[float], labels: list[int], height: int = 24, width: int = 40, masks: bool = True) -> dict:
@@ -107,6 +109,45 @@ def test_mismatched_fields_raise_clear_error() -> None:
     pred["masks"] = pred["masks"][:1]
     with pytest.raises(ValueError, match="masks"):
         prediction_to_coco(pred, 1, [1])
+
+
+def _roi_pred(n: int, height: int = 37, width: int = 53, seed: int = 2) -> dict:
+    return roi_prediction(n, height, width, seed=seed)
+
+
+@pytest.mark.parametrize("roi_dims", [3, 4])
+def test_roi_masks_export_equals_export_of_pasted_full_masks(roi_dims: int) -> None:
+    # Detections dropped by score and by max_detections, so the score-order gather is exercised.
+    pred = _roi_pred(80)
+    full = {k: v for k, v in pred.items() if k not in ("roi_masks", "image_size")}
+    full["masks"] = paste_full(pred["roi_masks"], pred["boxes"], (37, 53))[:, None]
+    if roi_dims == 4:
+        pred["roi_masks"] = pred["roi_masks"][:, None]
+    kwargs = {"score_threshold": 0.2, "mask_threshold": 0.6, "max_detections": 50}
+    entries = prediction_to_coco(pred, 4, [1, 2], **kwargs)
+    assert len(entries) == 50 and all(e["segmentation"]["size"] == [37, 53] for e in entries)
+    assert entries == prediction_to_coco(full, 4, [1, 2], **kwargs)
+    assert any(e["area"] > 0 for e in entries)
+
+
+def test_roi_masks_take_precedence_over_full_masks() -> None:
+    pred = _roi_pred(5)
+    expected = prediction_to_coco(pred, 1, [1, 2])
+    pred["masks"] = torch.zeros((5, 37, 53))  # would give empty masks if used
+    assert prediction_to_coco(pred, 1, [1, 2]) == expected
+
+
+def test_roi_masks_need_image_size_and_matching_length() -> None:
+    pred = _roi_pred(3)
+    del pred["image_size"]
+    with pytest.raises(ValueError, match="image_size"):
+        prediction_to_coco(pred, 1, [1, 2])
+    pred = _roi_pred(3)
+    pred["roi_masks"] = pred["roi_masks"][:2]
+    with pytest.raises(ValueError, match="roi_masks"):
+        prediction_to_coco(pred, 1, [1, 2])
+    empty = {k: v[:0] if k != "image_size" else v for k, v in _roi_pred(3).items()}
+    assert prediction_to_coco(empty, 1, [1, 2]) == []
 
 
 def test_write_coco_results_is_valid_json_without_leftovers(tmp_path) -> None:

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from rsiseg.inference.paste import paste_full
 from rsiseg.inference.visualize import class_colors, draw_instances, save_overlay, to_display_rgb
+from tests.inference.roi_predictions import roi_prediction
 
 NAMES = ["plane", "ship", "small-vehicle"]
 
@@ -121,6 +123,38 @@ def test_dense_scene_and_numpy_inputs() -> None:
 def test_mask_size_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="image"):
         draw_instances(_grey(64), _square_pred(128), NAMES)
+
+
+def _roi_pred(n: int, height: int, width: int, seed: int = 0) -> dict:
+    return roi_prediction(n, height, width, classes=3, max_half=25.0, seed=seed)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_roi_mask_overlay_equals_overlay_of_pasted_full_masks(as_numpy: bool) -> None:
+    # Pixel-identical: both paths threshold the same pasted values, and the windows hold all of them.
+    height, width = 96, 144
+    pred = _roi_pred(120, height, width)
+    full = {k: v for k, v in pred.items() if k not in ("roi_masks", "image_size")}
+    full["masks"] = paste_full(pred["roi_masks"], pred["boxes"], (height, width))[:, None]
+    if as_numpy:
+        pred = {k: v.numpy() for k, v in pred.items()}
+        pred["roi_masks"] = pred["roi_masks"][:, None]  # [N, 1, M, M] as torchvision returns them
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for kwargs in ({}, {"score_threshold": 0.4, "mask_threshold": 0.7, "show_legend": False}):
+        from_rois = draw_instances(image, pred, NAMES, **kwargs)
+        np.testing.assert_array_equal(from_rois, draw_instances(image, full, NAMES, **kwargs))
+    assert (from_rois != image).any(axis=2).mean() > 0.2
+
+
+def test_roi_masks_image_size_mismatch_raises() -> None:
+    pred = _roi_pred(3, 64, 80)
+    with pytest.raises(ValueError, match="image_size"):
+        draw_instances(_grey(64), pred, NAMES)
+    del pred["image_size"]  # optional for overlays: the image gives the size
+    assert draw_instances(_grey(64), pred, NAMES).shape == (64, 64, 3)
+    pred["roi_masks"] = pred["roi_masks"][:2]
+    with pytest.raises(ValueError, match="roi_masks"):
+        draw_instances(_grey(64), pred, NAMES)
 
 
 def test_save_overlay_writes_png_of_same_size(tmp_path) -> None:

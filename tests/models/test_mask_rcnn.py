@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import resnet18
+from torchvision.models.detection.roi_heads import maskrcnn_loss
 
 from rsiseg.config import ModelConfig
+from rsiseg.masks import InstanceMasks
+from rsiseg.models.layers.mask_targets import mask_rcnn_loss
 from rsiseg.models.registry import MODELS, build_model
 
 SIZE = 128
@@ -31,7 +35,7 @@ def target(n: int, bands: int = 3) -> dict[str, torch.Tensor]:
         masks[i, y : y + 12, x : x + 20] = 1
         boxes.append([x, y, x + 20, y + 12])
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.arange(n, dtype=torch.int64) % 3 + 1, "masks": masks}
+            "labels": torch.arange(n, dtype=torch.int64) % 3 + 1, "masks": InstanceMasks.from_masks(masks)}
 
 
 def test_registry_names() -> None:
@@ -76,7 +80,10 @@ def test_eval_output_contract() -> None:
         assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == torch.float32
         assert out["labels"].dtype == torch.int64 and out["labels"].min() >= 1 and out["labels"].max() <= 3
         assert out["scores"].shape == (n,) and bool(((out["scores"] >= 0) & (out["scores"] <= 1)).all())
-        assert out["masks"].shape == (n, 1, h, w)
+        assert out["roi_masks"].shape == (n, 28, 28) and out["roi_masks"].dtype == torch.float32
+        assert bool(((out["roi_masks"] >= 0) & (out["roi_masks"] <= 1)).all())
+        assert out["image_size"].tolist() == [h, w]
+        assert "masks" not in out  # no full-size mask is ever made by the model
         assert float(out["boxes"][:, 2].max()) <= w and float(out["boxes"][:, 3].max()) <= h
 
 
@@ -89,7 +96,35 @@ def test_other_band_counts_run(bands: int) -> None:
     assert all(torch.isfinite(v) for v in losses.values())
     model.eval()
     with torch.no_grad():
-        assert "masks" in model([torch.rand(bands, SIZE, SIZE)])[0]
+        assert "roi_masks" in model([torch.rand(bands, SIZE, SIZE)])[0]
+
+
+def test_compact_mask_loss_equals_torchvision_on_full_masks() -> None:
+    """Targets sampled per RoI from InstanceMasks give torchvision's loss from full-size masks."""
+    torch.manual_seed(0)
+    full = target(3)["masks"].to_full()
+    rois = [torch.tensor([[8.0, 18, 33, 34], [36, 29, 50, 44], [58.5, 39.2, 81, 53], [9, 21, 28, 30]])]
+    matched = [torch.tensor([0, 1, 2, 0])]
+    logits = torch.randn(4, 4, 28, 28)
+    labels = torch.tensor([1, 2, 3])
+    compact = mask_rcnn_loss(logits, rois, matched, [{"masks": InstanceMasks.from_masks(full), "labels": labels}])
+    reference = maskrcnn_loss(logits, rois, [full], [labels], matched)
+    assert torch.allclose(compact, reference, atol=1e-6)
+    # After the model's resize, RoIs are mapped back to the source resolution through mask_scale.
+    scaled = mask_rcnn_loss(logits, [rois[0] * 2], matched, [{"masks": InstanceMasks.from_masks(full), "labels": labels,
+                                                             "mask_scale": torch.tensor([2.0, 2.0])}])
+    assert torch.allclose(scaled, reference, atol=1e-6)
+
+
+def test_full_size_tensor_masks_are_accepted() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    model.train()
+    dense = {**target(2), "masks": target(2)["masks"].to_full()}
+    losses = model([torch.rand(3, SIZE, SIZE)], [dense])
+    assert torch.isfinite(losses["loss_mask"]) and float(losses["loss_mask"]) > 0
+    with pytest.raises(ValueError, match="target masks are for a 128x128 image, but the image is 96x128"):
+        model([torch.rand(3, 128, 96)], [target(2)])
 
 
 def test_normalisation_must_match_bands() -> None:
@@ -147,5 +182,20 @@ def test_frozen_stages() -> None:
 def test_full_size_models_build_and_step(name: str) -> None:
     model = build_model(ModelConfig(name=name, num_classes=2, min_size=256, max_size=256))
     model.train()
-    losses = model([torch.rand(3, 256, 256)], [target(2)])
+    losses = model([torch.rand(3, SIZE, SIZE)], [target(2)])  # resized to 256 inside the model
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.slow
+def test_training_step_on_5000_instances() -> None:
+    """A dense 800 px scene: 5,000 instances of 8x8 px train without full-size masks."""
+    rng = np.random.default_rng(0)
+    corners = rng.integers(0, 792, (5000, 2)).astype(float)
+    polygons = [[[x, y, x + 8, y, x + 8, y + 8, x, y + 8]] for x, y in corners]
+    masks = InstanceMasks.from_coco(polygons, 800, 800)
+    model = build_model(tiny(min_size=800, max_size=800))
+    model.train()
+    losses = model([torch.rand(3, 800, 800)],
+                   [{"boxes": masks.boxes(), "labels": torch.ones(5000, dtype=torch.int64), "masks": masks}])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()

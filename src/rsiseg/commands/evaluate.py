@@ -1,44 +1,107 @@
-"""``rsiseg eval``: COCO metrics of a checkpoint on a dataset."""
+"""``rsiseg eval``: COCO metrics of a checkpoint on a dataset, or of a COCO results file."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from rsiseg.config import EvalConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.engine.checkpoint import load_checkpoint
-from rsiseg.evaluation.coco import format_metrics_table, write_metrics
+from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table, write_metrics
+from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import write_coco_results
 from rsiseg.inference.predictor import evaluate_model, model_from_state, stored_config
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate ``args.checkpoint`` and write ``metrics.json``, ``results.json`` and ``metrics.md``."""
+    """Evaluate a checkpoint (``--checkpoint``) or a results file (``--predictions``); write the metrics."""
+    if bool(args.checkpoint) == bool(args.predictions):
+        raise ValueError("pass either --checkpoint CKPT.pth or --predictions RESULTS.json (with --data GT.json)")
+    if args.predictions:
+        return _score_predictions(args)
     state = load_checkpoint(args.checkpoint)
     cfg = stored_config(state, args.checkpoint)
     ann = args.data or cfg.data.val_ann
     if not ann:
         raise ValueError(f"{args.checkpoint}: its config has no data.val_ann; pass --data ANNOTATIONS.json")
     images = args.images or (cfg.data.val_images if not args.data else None) or str(Path(ann).parent)
-    eval_cfg = cfg.eval
-    if args.preset:
-        eval_cfg = replace(eval_cfg, preset=args.preset)
-    if args.max_dets:
-        eval_cfg = replace(eval_cfg, max_dets=list(args.max_dets))
+    eval_cfg = _eval_settings(cfg.eval, args)
     top = eval_cfg.max_dets[-1] if eval_cfg.max_dets else (1000 if eval_cfg.preset == "isaid" else 100)
     # The model must be allowed to return as many detections as the metric counts.
     overrides = {"detections_per_img": min(top, 1000)} if top > cfg.model.detections_per_img else None
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
     dataset = CocoInstanceDataset(ann, images, in_channels=cfg.model.in_channels, repair=cfg.data.repair)
-    metrics, results = evaluate_model(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet)
+    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
+    label_to_category = map_labels_to_categories(
+        loaded.class_names, loaded.label_to_category, dataset.index.categories, parse_class_map(args.class_map),
+        model_source=str(args.checkpoint), data_source=str(ann),
+    )
+    metrics, results = evaluate_model(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet,
+                                      label_to_category=label_to_category)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {ann}", results)
+    print(dataset.index.report.summary())
+    return 0
+
+
+def _score_predictions(args: argparse.Namespace) -> int:
+    """Score a COCO results file (from ``data merge``, ``predict`` or any tool) against ``--data``."""
+    if not args.data:
+        raise ValueError("--predictions needs the ground truth: --data GT.json")
+    results = _read_results(Path(args.predictions))
+    with_masks = sum("segmentation" in r for r in results)
+    if 0 < with_masks < len(results):
+        raise ValueError(f"{args.predictions}: {with_masks} of {len(results)} results have a 'segmentation'; "
+                         "either all or none must")
+    iou_types = ("bbox", "segm") if with_masks or not results else ("bbox",)
+    eval_cfg = _eval_settings(EvalConfig(), args)
+    try:
+        metrics = evaluate_coco(args.data, results, iou_types=iou_types, preset=eval_cfg.preset,
+                                max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None)
+    except ValueError as err:
+        raise ValueError(f"{args.predictions} against {args.data}: {err}") from None
+    out = Path(args.out) if args.out else Path(args.predictions).parent / "eval"
+    _write_outputs(out, metrics, f"{Path(args.predictions).name} on {args.data}")
+    if iou_types == ("bbox",):
+        print("the results have no masks: bbox only")
+    return 0
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """A COCO results list, refusing anything that is not one before it reaches the evaluator."""
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(results, dict) and "annotations" in results:
+        raise ValueError(f"{path}: this is a COCO dataset file, not a results list; pass it as --data")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ValueError(f"{path}: a COCO results file is a JSON list of objects")
+    return results
+
+
+def _eval_settings(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
+    """The eval config with the command line's ``--preset`` and ``--max-dets`` applied."""
+    if args.preset:
+        base = replace(base, preset=args.preset)
+    if args.max_dets:
+        base = replace(base, max_dets=list(args.max_dets))
+    return base
+
+
+def _write_outputs(out: Path, metrics: dict[str, Any], title: str, results: list[dict[str, Any]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(metrics, out / "metrics.json")
-    write_coco_results(results, out / "results.json")
+    written = [out / "metrics.json", out / "metrics.md"]
+    if results is not None:
+        write_coco_results(results, out / "results.json")
+        written.append(out / "results.json")
     table = format_metrics_table(metrics)
-    (out / "metrics.md").write_text(f"# {Path(args.checkpoint).name} on {ann}\n\n{table}\n")
+    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n")
     print(table)
-    print(dataset.index.report.summary())
-    print(f"\nwrote {out / 'metrics.json'}, {out / 'metrics.md'} and {out / 'results.json'}")
-    return 0
+    print(f"\nwrote {', '.join(str(p) for p in written)}")

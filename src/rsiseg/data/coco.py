@@ -1,27 +1,29 @@
-"""COCO instance dataset: polygons or RLE, masks decoded only when an item is fetched.
+"""COCO instance dataset: polygons or RLE, kept compact (never N full-size rasters).
 
-Items follow the torchvision detection contract (see ``rsiseg.structures``):
-``image`` float ``[C, H, W]`` in [0, 1] and a target with ``boxes`` float ``[N, 4]`` xyxy in
-pixels, ``labels`` int64 ``[N]`` in 1..K, ``masks`` uint8 ``[N, H, W]`` and ``image_id``.
-Images without instances are kept (N = 0). Crowd regions are left out of the targets.
+Items follow the target contract (see ``rsiseg.structures``): ``image`` float ``[C, H, W]`` in
+[0, 1] and a target with ``boxes`` float ``[N, 4]`` xyxy in pixels, ``labels`` int64 ``[N]`` in
+1..K, ``masks`` an :class:`~rsiseg.masks.InstanceMasks` (polygons or per-instance crops) and
+``image_id``. Images without instances are kept (N = 0). Crowd regions are left out of the targets.
+With ``load_targets=False`` (evaluation and prediction) the target holds only ``image_id``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import zlib
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from rsiseg.data.coco_index import CocoIndex, DataError, load_coco_index
 from rsiseg.data.io import ImageReadError, match_bands, read_image, to_unit_float
-from rsiseg.data.transforms import apply_transforms
-from rsiseg.structures import masks_to_boxes, segmentation_to_mask
+from rsiseg.data.transforms import TrainTransforms
+from rsiseg.masks import InstanceMasks
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,10 @@ class CocoInstanceDataset(Dataset):
         ann_file: COCO instances JSON.
         image_dir: folder that ``file_name`` entries are relative to.
         in_channels: bands the model expects; grey/RGB are converted, other mismatches raise.
-        transforms: albumentations pipeline (training only), seeded per sample.
+        transforms: the training pipeline (see :mod:`rsiseg.data.transforms`), seeded per sample.
         repair: skip and count bad annotations instead of raising.
         seed: base of the per-sample augmentation seeds.
+        load_targets: False reads images only (the target is just ``image_id``), as evaluation does.
     """
 
     def __init__(
@@ -46,14 +49,16 @@ class CocoInstanceDataset(Dataset):
         image_dir: str | Path,
         *,
         in_channels: int = 3,
-        transforms: A.Compose | None = None,
+        transforms: TrainTransforms | None = None,
         repair: bool = False,
         seed: int = 0,
+        load_targets: bool = True,
     ) -> None:
         self.index: CocoIndex = load_coco_index(ann_file, image_dir, repair=repair)
         self.in_channels = in_channels
         self.transforms = transforms
         self.seed = seed
+        self.load_targets = load_targets
         self.epoch = 0
         self._cat_to_label = self.index.category_to_label
 
@@ -87,41 +92,63 @@ class CocoInstanceDataset(Dataset):
             )
         return to_unit_float(image)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, Target]:
+    def images_only(self) -> CocoInstanceDataset:
+        """A view of this dataset that reads images and image ids only (no masks, no augmentation)."""
+        view = copy.copy(self)
+        view.transforms, view.load_targets = None, False
+        return view
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Target]:
+        """Item ``key``: an index, or ``(index, epoch)`` as the trainer's batch sampler yields it.
+
+        Passing the epoch with the index keeps augmentation draws right in persistent loader
+        workers, which never see :meth:`set_epoch` calls made in the main process.
+        """
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         info = self.index.images[idx]
         image = self.load_image(idx)
+        if not self.load_targets:
+            return _to_chw(image), {"image_id": torch.tensor(info["id"])}
         anns = [a for a in self.index.anns_by_image[info["id"]] if not a["iscrowd"]]
-        masks = [self._decode(a, info) for a in anns]
-        labels = [self._cat_to_label[a["category_id"]] for a in anns]
+        masks = self._masks(anns, info)
+        labels = torch.tensor([self._cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         if self.transforms is not None:
-            seed = zlib.crc32(f"{self.seed}/{self.epoch}/{idx}".encode())
-            image, masks = apply_transforms(self.transforms, image, masks, seed)
-        height, width = image.shape[:2]
-        mask_tensor = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
-        keep = mask_tensor.flatten(1).amax(dim=1) > 0 if len(masks) else torch.zeros(0, dtype=torch.bool)  # instances an augmentation moved out of view
-        target = {
-            "boxes": masks_to_boxes(mask_tensor[keep]),
-            "labels": torch.tensor(labels, dtype=torch.int64)[keep] if labels else torch.zeros(0, dtype=torch.int64),
-            "masks": mask_tensor[keep],
-            "image_id": torch.tensor(info["id"]),
-        }
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+            image, masks = self.transforms(image, masks, zlib.crc32(f"{self.seed}/{epoch}/{idx}".encode()))
+        keep = masks.areas() > 0  # instances an augmentation moved out of view or shrank to nothing
+        masks = masks[keep]
+        target = {"boxes": masks.boxes(), "labels": labels[keep], "masks": masks, "image_id": torch.tensor(info["id"])}
+        return _to_chw(image), target
 
-    def _decode(self, ann: dict[str, Any], info: dict[str, Any]) -> np.ndarray:
-        """``uint8 [H, W]`` mask; an annotation with no mask pixels falls back to its box."""
+    def _masks(self, anns: list[dict[str, Any]], info: dict[str, Any]) -> InstanceMasks:
+        """Compact masks of ``anns``; an annotation with no mask pixels falls back to its box."""
         height, width = info["height"], info["width"]
-        mask = (
-            segmentation_to_mask(ann["segmentation"], height, width)
-            if ann["segmentation"]
-            else np.zeros((height, width), np.uint8)
-        )
-        if not mask.any():
-            # Tiny or missing polygons rasterise to nothing; the box keeps the instance alive.
-            log.warning("%s: annotation id %s has no mask pixels; its box is used as the mask", self.index.ann_file, ann["id"])
-            x, y, w, h = ann["bbox"]
-            x1, y1 = int(np.floor(x)), int(np.floor(y))
-            mask[y1 : max(y1 + 1, int(np.ceil(y + h))), x1 : max(x1 + 1, int(np.ceil(x + w)))] = 1
-        return mask
+        masks = InstanceMasks.from_coco([a["segmentation"] for a in anns], height, width)
+        empty = torch.nonzero(masks.areas() == 0).flatten().tolist()
+        if not empty:
+            return masks
+        # Tiny or missing polygons rasterise to nothing; the box keeps the instance alive.
+        log.warning("%s: annotation id(s) %s have no mask pixels; their boxes are used as masks",
+                    self.index.ann_file, [anns[i]["id"] for i in empty])
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (anns[i]["bbox"] for i in empty)]
+        instances = masks.instances
+        for i, filled in zip(empty, InstanceMasks.from_boxes(boxes, height, width).instances):
+            instances[i] = filled
+        return InstanceMasks(instances, height, width)
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    """``float32 [H, W, C]`` -> contiguous ``[C, H, W]`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def resolve_num_workers(requested: int | None) -> int:
+    """Loader worker processes: ``requested``, or with None the CPU cores this process may use (at most 8)."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or null (auto), got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 8)
 
 
 def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:

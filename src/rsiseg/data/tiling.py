@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
-from shapely.ops import unary_union
-from shapely.validation import make_valid
+import torch
 from tqdm import tqdm
 
 from rsiseg.data.coco_index import DataReport
 from rsiseg.data.io import TIFF_SUFFIXES, image_size, is_band_first
-from rsiseg.structures import mask_to_rle, segmentation_to_mask
+from rsiseg.masks import InstanceMasks
 
 logger = logging.getLogger(__name__)
 
@@ -67,104 +65,29 @@ def patch_windows(height: int, width: int, size: int = 800, overlap: int = 200) 
 
 
 @dataclass
-class _Instance:
-    """One scene annotation rasterised inside its tight pixel box ``[y0:y0+h, x0:x0+w]``."""
-
-    ann: dict[str, Any]
-    mask: np.ndarray  # uint8[h, w]
-    x0: int
-    y0: int
-    area: int
-    geometry: Any = None  # shapely geometry when the source is polygons
-
-
-@dataclass
 class _Patch:
     scene: dict[str, Any]
     window: Window
     anns: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _rasterise(ann: dict[str, Any], height: int, width: int) -> _Instance | None:
-    """Rasterise an annotation in its own box; polygons are rasterised locally to save memory."""
-    segm = ann["segmentation"]
-    geometry = None
-    if isinstance(segm, list):
-        coords = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in segm if len(p) >= 6]
-        if not coords:
-            return None
-        pts = np.concatenate(coords)
-        # Integer shift keeps pycocotools' rasterisation identical to the full-scene one.
-        x0 = max(int(math.floor(pts[:, 0].min())) - 1, 0)
-        y0 = max(int(math.floor(pts[:, 1].min())) - 1, 0)
-        x1 = min(int(math.ceil(pts[:, 0].max())) + 2, width)
-        y1 = min(int(math.ceil(pts[:, 1].max())) + 2, height)
-        if x1 <= x0 or y1 <= y0:
-            return None
-        shifted = [(c - (x0, y0)).ravel().tolist() for c in coords]
-        local = segmentation_to_mask(shifted, y1 - y0, x1 - x0)
-        geometry = unary_union([make_valid(Polygon(c)) for c in coords if len(c) >= 3])
-    else:
-        full = segmentation_to_mask(segm, height, width)
-        x0 = y0 = 0
-        local = full
-    ys, xs = np.nonzero(local)
-    if len(xs) == 0:
-        return None
-    crop = np.ascontiguousarray(local[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1])
-    return _Instance(ann, crop, x0 + int(xs.min()), y0 + int(ys.min()), int(len(xs)), geometry)
+def _clip(ann: dict[str, Any], masks: InstanceMasks, i: int, window: Window, full_area: int,
+          min_visible: float, report: DataReport) -> dict[str, Any] | None:
+    """Scene annotation ``ann`` as seen in ``window``: instance ``i`` of ``masks`` (cropped to it).
 
-
-def _clipped_polygons(geometry: Any, window: Window) -> list[list[float]] | None:
-    """COCO polygons of ``geometry`` clipped to ``window``, in patch coordinates; None if not expressible."""
-    y1, y2, x1, x2 = window
-    clipped = geometry.intersection(box(x1, y1, x2, y2))
-    if isinstance(clipped, Polygon):
-        parts = [clipped]
-    elif isinstance(clipped, (MultiPolygon, GeometryCollection)):
-        parts = [g for g in clipped.geoms if isinstance(g, Polygon)]
-    else:
-        return None
-    polygons = []
-    for part in parts:
-        if part.is_empty or part.area <= 0:
-            continue
-        if part.interiors:
-            return None  # COCO polygons cannot encode holes; use RLE instead
-        ring = np.asarray(part.exterior.coords)[:-1] - (x1, y1)
-        if len(ring) >= 3:
-            polygons.append([round(float(v), 2) for v in ring.ravel()])
-    return polygons or None
-
-
-def _clip(inst: _Instance, window: Window, min_visible: float, report: DataReport) -> dict[str, Any] | None:
-    """The part of ``inst`` inside ``window`` as a patch annotation (``id`` not yet set), or None."""
-    y1, y2, x1, x2 = window
-    h, w = inst.mask.shape
-    cy1, cy2 = max(y1, inst.y0), min(y2, inst.y0 + h)
-    cx1, cx2 = max(x1, inst.x0), min(x2, inst.x0 + w)
-    if cy2 <= cy1 or cx2 <= cx1:
-        return None
-    fragment = inst.mask[cy1 - inst.y0: cy2 - inst.y0, cx1 - inst.x0: cx2 - inst.x0]
-    area = int(fragment.sum())
+    ``id`` and ``image_id`` are not yet set; None when nothing (or too little) is visible.
+    """
+    area = int(masks.areas()[i])
     if area == 0:
         return None
-    if area / inst.area < min_visible:
-        report.add("clipped fragment below min_visible", f"ann {inst.ann['id']} in {window}: {area}/{inst.area} px")
+    if area / full_area < min_visible:
+        report.add("clipped fragment below min_visible", f"ann {ann['id']} in {window}: {area}/{full_area} px")
         return None
-    ys, xs = np.nonzero(fragment)
-    # bbox/area come from the clipped raster, in patch coordinates.
-    bx, by = cx1 - x1 + int(xs.min()), cy1 - y1 + int(ys.min())
-    bbox = [float(bx), float(by), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-    segm = None
-    if inst.geometry is not None and not inst.ann.get("iscrowd", 0):
-        segm = _clipped_polygons(inst.geometry, window)
-    if segm is None:
-        patch_mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-        patch_mask[cy1 - y1: cy2 - y1, cx1 - x1: cx2 - x1] = fragment
-        segm = mask_to_rle(patch_mask)
-    out = {k: v for k, v in inst.ann.items() if k not in ("id", "image_id", "segmentation", "bbox", "area")}
-    out.update(segmentation=segm, bbox=bbox, area=float(area), scene_ann_id=inst.ann["id"])
+    x1, y1, x2, y2 = masks.boxes()[i].tolist()
+    # Crowd regions stay RLE; polygons are clipped as geometry (RLE where the clip has holes).
+    segm = masks.to_rle(i) if ann.get("iscrowd", 0) else masks.to_coco(i)
+    out = {k: v for k, v in ann.items() if k not in ("id", "image_id", "segmentation", "bbox", "area")}
+    out.update(segmentation=segm, bbox=[x1, y1, x2 - x1, y2 - y1], area=float(area), scene_ann_id=ann["id"])
     return out
 
 
@@ -172,24 +95,30 @@ def _plan_scene(
     scene: dict[str, Any], anns: list[dict[str, Any]], size: int, overlap: int,
     min_visible: float, report: DataReport,
 ) -> list[_Patch]:
-    """Clip every annotation of one scene into its windows."""
+    """Clip every annotation of one scene into its windows, without any scene-size raster."""
     height, width = int(scene["height"]), int(scene["width"])
-    instances = []
+    decoded = []
     for ann in anns:
         try:
-            inst = _rasterise(ann, height, width)
-        except Exception as err:  # pycocotools/shapely raise many types for malformed input
+            masks = InstanceMasks.from_coco([ann["segmentation"]], height, width)
+            empty = int(masks.areas()[0]) == 0
+        except Exception as err:  # pycocotools raises many types for malformed input
             report.add("undecodable segmentation", f"ann {ann.get('id')}: {type(err).__name__}: {err}")
             continue
-        if inst is None:
+        if empty:
             report.add("empty instance", f"ann {ann.get('id')} in {scene['file_name']}")
             continue
-        instances.append(inst)
+        decoded.append((ann, masks.instances[0]))
+    masks = InstanceMasks([inst for _, inst in decoded], height, width)
+    boxes, areas = masks.boxes(), masks.areas()
     patches = []
     for window in patch_windows(height, width, size, overlap):
         patch = _Patch(scene, window)
-        for inst in instances:
-            clipped = _clip(inst, window, min_visible, report)
+        y1, y2, x1, x2 = window
+        inside = torch.nonzero((boxes[:, 0] < x2) & (boxes[:, 2] > x1) & (boxes[:, 1] < y2) & (boxes[:, 3] > y1))[:, 0]
+        cropped = masks[inside].crop((x1, y1, x2, y2))
+        for k, i in enumerate(inside.tolist()):
+            clipped = _clip(decoded[i][0], cropped, k, window, int(areas[i]), min_visible, report)
             if clipped is not None:
                 patch.anns.append(clipped)
         patches.append(patch)

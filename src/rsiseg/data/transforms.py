@@ -1,56 +1,139 @@
-"""Training augmentation with albumentations: flips, 90-degree rotations, colour jitter, rescaling.
+"""Training augmentation: geometry on the image and on compact instance masks, colour with albumentations.
 
-Boxes are not transformed here: the dataset recomputes them from the transformed masks,
-which keeps them tight after rotations and consistent with the masks.
+Geometric steps (resizing, flips, 90-degree rotations) change the image and the
+:class:`~rsiseg.masks.InstanceMasks` together: the masks move as polygons or small crops, never as
+N full-size rasters, which is what keeps dense scenes (thousands of instances) cheap. Photometric
+steps touch only the image and stay in albumentations. Every draw comes from one per-sample seed,
+so runs and resumed runs see the same augmentations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import albumentations as A
+import cv2
 import numpy as np
 
 from rsiseg.config import DataConfig
+from rsiseg.masks import InstanceMasks
+
+Sample = tuple[np.ndarray, InstanceMasks]  # float32 [H, W, C] in [0, 1], masks of that image
+GeometricStep = Callable[[np.ndarray, InstanceMasks, np.random.Generator], Sample]
 
 
-def build_train_transforms(cfg: DataConfig, bands: int) -> A.Compose | None:
-    """Albumentations pipeline for ``float32 [H, W, C]`` images in [0, 1] with a list of masks.
+def rescale_sample(image: np.ndarray, masks: InstanceMasks, scale: float) -> Sample:
+    """Rescale the image (bilinear, per band) and its masks by ``scale``, keeping the aspect ratio."""
+    h, w = image.shape[:2]
+    height, width = max(1, round(h * scale)), max(1, round(w * scale))
+    if (height, width) == (h, w):
+        return image, masks
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return resized.reshape(height, width, -1), masks.resize(height, width)
 
-    Returns None when every augmentation is switched off.
+
+@dataclass(frozen=True)
+class LongestMaxSize:
+    """Shrink (or enlarge) so that the longest side is ``max_size``, keeping the aspect ratio."""
+
+    max_size: int
+
+    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+        return rescale_sample(image, masks, self.max_size / max(image.shape[:2]))
+
+
+@dataclass(frozen=True)
+class RandomScale:
+    """Rescale by a factor drawn uniformly from ``[low, high]``, keeping the aspect ratio."""
+
+    low: float
+    high: float
+
+    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+        return rescale_sample(image, masks, rng.uniform(self.low, self.high))
+
+
+@dataclass(frozen=True)
+class RandomFlip:
+    """Mirror left-right (``axis=1``) or top-bottom (``axis=0``) with probability ``p``."""
+
+    axis: int
+    p: float
+
+    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return image, masks
+        return np.flip(image, self.axis), masks.hflip() if self.axis == 1 else masks.vflip()
+
+
+@dataclass(frozen=True)
+class RandomRotate90:
+    """With probability ``p``, rotate by k quarter turns, k uniform in 0..3 (as albumentations' RandomRotate90)."""
+
+    p: float
+
+    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return image, masks
+        k = int(rng.integers(0, 4))
+        return np.rot90(image, k), masks.rot90(k)
+
+
+class TrainTransforms:
+    """The training pipeline: geometric steps in order, then the photometric albumentations pipeline.
+
+    Args:
+        geometric: steps ``(image, masks, rng) -> (image, masks)``.
+        photometric: albumentations pipeline for the image alone, or None.
     """
-    ops: list[A.BasicTransform] = []
+
+    def __init__(self, geometric: list[GeometricStep], photometric: A.Compose | None) -> None:
+        self.geometric, self.photometric = geometric, photometric
+
+    def __call__(self, image: np.ndarray, masks: InstanceMasks, seed: int) -> Sample:
+        """Augment one sample.
+
+        Args:
+            image: ``float32 [H, W, C]`` in [0, 1].
+            masks: the image's instance masks.
+            seed: derived from (experiment seed, epoch, sample index) by the caller.
+
+        Returns:
+            The augmented ``float32 [H', W', C]`` image (contiguous, in [0, 1]) and masks.
+        """
+        rng = np.random.default_rng(seed)
+        for step in self.geometric:
+            image, masks = step(image, masks, rng)
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if self.photometric is not None:
+            self.photometric.set_random_seed(seed)
+            image = np.clip(self.photometric(image=image)["image"], 0.0, 1.0).astype(np.float32, copy=False)
+        return image, masks
+
+
+def build_train_transforms(cfg: DataConfig, bands: int) -> TrainTransforms | None:
+    """The training pipeline the data config asks for; None when every augmentation is off."""
+    geometric: list[GeometricStep] = []
     if cfg.max_size:
-        ops.append(A.LongestMaxSize(max_size=cfg.max_size, p=1.0))
+        geometric.append(LongestMaxSize(cfg.max_size))
     low, high = cfg.scale_range
     if (low, high) != (1.0, 1.0):
-        ops.append(A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0))
+        geometric.append(RandomScale(low, high))
     if cfg.hflip > 0:
-        ops.append(A.HorizontalFlip(p=cfg.hflip))
+        geometric.append(RandomFlip(1, cfg.hflip))
     if cfg.vflip > 0:
-        ops.append(A.VerticalFlip(p=cfg.vflip))
+        geometric.append(RandomFlip(0, cfg.vflip))
     if cfg.rot90 > 0:
-        ops.append(A.RandomRotate90(p=cfg.rot90))
+        geometric.append(RandomRotate90(cfg.rot90))
+    photometric = None
     if cfg.color_jitter > 0:
         s = cfg.color_jitter
         if bands == 3:
-            ops.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4), p=0.8))
+            op = A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4), p=0.8)
         else:  # ColorJitter is defined for RGB only; brightness/contrast work for any band count
-            ops.append(A.RandomBrightnessContrast(brightness_limit=s, contrast_limit=s, p=0.8))
-    if not ops:
+            op = A.RandomBrightnessContrast(brightness_limit=s, contrast_limit=s, p=0.8)
+        photometric = A.Compose([op], seed=0)
+    if not geometric and photometric is None:
         return None
-    return A.Compose(ops, seed=0)
-
-
-def apply_transforms(
-    transforms: A.Compose, image: np.ndarray, masks: list[np.ndarray], seed: int
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Apply ``transforms`` with a per-sample seed, so runs and resumed runs see the same draws.
-
-    Args:
-        image: ``float32 [H, W, C]`` in [0, 1].
-        masks: N arrays ``uint8 [H, W]``.
-        seed: derived from (experiment seed, epoch, sample index) by the caller.
-    """
-    transforms.set_random_seed(seed)
-    out = transforms(image=image, masks=masks) if masks else transforms(image=image)
-    image = np.clip(out["image"], 0.0, 1.0).astype(np.float32, copy=False)
-    return image, list(out["masks"]) if masks else []
+    return TrainTransforms(geometric, photometric)

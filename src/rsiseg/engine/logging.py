@@ -1,11 +1,14 @@
-"""Run logs: ``metrics.jsonl`` (one JSON object a line), TensorBoard scalars and a curves PNG."""
+"""Run logs: ``metrics.jsonl`` (one JSON object a line), TensorBoard scalars, a curves PNG and log lines."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from rsiseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +24,9 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_iteration is None:
-            self.path.write_text("")
-        else:
-            kept = [r for r in read_records(self.path) if r["iteration"] <= resume_iteration]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [] if resume_iteration is None else [r for r in read_records(self.path)
+                                                     if r["iteration"] <= resume_iteration]
+        atomic_write(self.path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept)))
         self.writer = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
 
     def write(self, kind: str, iteration: int, epoch: int, values: dict[str, float]) -> None:
@@ -43,14 +44,44 @@ class RunLogger:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a last line cut short by a killed run is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not valid JSON") from None
+            log.warning("%s: dropped its last line, cut short by an interrupted run", path)
+    return records
+
+
+def format_progress(iteration: int, total: int, losses: dict[str, float], lr: float, s_per_iter: float,
+                    eta_seconds: float) -> str:
+    """One log line: ``iter 20/400  loss 1.2340 (loss_classifier 0.310, ...)  lr 1.00e-03  0.85 s/it  ETA 0:05:23``."""
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+    eta = datetime.timedelta(seconds=round(max(0.0, eta_seconds)))
+    return (f"iter {iteration}/{total}  loss {losses['loss']:.4f} ({parts})  lr {lr:.2e}  "
+            f"{s_per_iter:.2f} s/it  ETA {eta}")
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average; ``weight`` defaults to one that spans about 1/20 of the points."""
+    if weight is None:
+        weight = 1 - 2 / (max(1, len(values) // 20) + 1)
+    out, level = [], None
+    for value in values:
+        level = value if level is None else weight * level + (1 - weight) * value
+        out.append(level)
+    return out
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, metric_keys: list[str] | None = None) -> None:
-    """Plot training losses and evaluation metrics against iterations into one PNG."""
+    """Plot training losses (raw, faint, and smoothed) and evaluation metrics against iterations into one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,9 +93,12 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, metric_keys: lis
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
     loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
     for key in loss_keys:
-        pts = [(r["iteration"], r[key]) for r in train if key in r]
-        ax_loss.plot(*zip(*pts), label=key, linewidth=1.5 if key == "loss" else 0.8)
-    ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses", yscale="log")
+        steps, values = zip(*[(r["iteration"], r[key]) for r in train if key in r])
+        raw = ax_loss.plot(steps, values, linewidth=0.6, alpha=0.25)[0]
+        ax_loss.plot(steps, smooth(list(values)), color=raw.get_color(), label=key,
+                     linewidth=1.8 if key == "loss" else 1.0)
+    ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses (faint: raw; bold: smoothed)",
+                yscale="log")
     keys = metric_keys or sorted({k for r in evals for k in r if "/" in k and k.split("/")[1] in ("AP", "AP50")})
     for key in keys:
         pts = [(r["iteration"], r[key]) for r in evals if r.get(key) is not None]
@@ -76,7 +110,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, metric_keys: lis
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda handle: fig.savefig(handle, format="png", dpi=100), binary=True)
     plt.close(fig)
 
 

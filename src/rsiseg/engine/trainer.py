@@ -5,10 +5,17 @@ A run directory holds ``config.yaml`` (the resolved config), ``last.pth`` and ``
 ``last.pth`` with the same iteration, optimizer, scheduler, scaler and RNG state; the data
 order is a function of (seed, epoch) and augmentation draws of (seed, epoch, index), so a
 resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Before anything is loaded, :func:`rsiseg.engine.preflight.preflight` checks metric names, the
+device, the output folder and the resume checkpoint; a folder holding a previous run is refused
+unless ``resume`` or ``overwrite``. ``train.time_budget`` ends a run early with ``last.pth`` and
+a final evaluation. Ctrl-C raises :class:`TrainingInterrupted`, whose message names the last
+checkpoint; every file is written atomically, so nothing is left half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,13 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rsiseg.config import ExperimentConfig, dump_config, to_dict
-from rsiseg.data.coco import CocoInstanceDataset, collate
+from rsiseg.data.coco import CocoInstanceDataset, collate, resolve_num_workers
 from rsiseg.data.transforms import build_train_transforms
-from rsiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from rsiseg.engine.logging import RunLogger, plot_curves
+from rsiseg.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
+from rsiseg.engine.logging import RunLogger, format_progress, plot_curves
 from rsiseg.engine.optim import LRSchedule, build_optimizer
+from rsiseg.engine.preflight import preflight, prepare_run_dir
+from rsiseg.engine.sampler import EpochBatchSampler
 from rsiseg.evaluation.coco import format_metrics_table, metric_value, write_metrics
 from rsiseg.inference.predictor import evaluate_model, select_device
 from rsiseg.models.registry import build_model
@@ -41,11 +51,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch, a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(num_items, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_items, batch_size)]
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :meth:`Trainer.fit`; the message says where the last checkpoint is."""
 
 
 class Trainer:
@@ -55,15 +62,29 @@ class Trainer:
         cfg: the resolved experiment config.
         resume: continue from ``<output_dir>/last.pth``.
         progress: show tqdm bars.
+        overwrite: replace a previous run in ``output_dir`` (without it, such a folder is refused).
+
+    Raises:
+        ConfigError, ValueError, OSError: a preflight check failed; nothing was written.
     """
 
-    def __init__(self, cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> None:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(cfg.train.output_dir)
+        resume_state = preflight(cfg, resume=resume, overwrite=overwrite)
         self.device = select_device(cfg.train.device)
         seed_everything(cfg.train.seed)
         self.train_set, self.val_set = self._datasets()
         self._check_classes()
+        self.num_workers = resolve_num_workers(cfg.data.num_workers)
+        self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed)
+        # One loader for the whole run: persistent workers are started once, not every epoch. Its own
+        # generator keeps the loader from drawing on the global RNG, which exact resume restores.
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.num_workers,
+                                 collate_fn=collate, persistent_workers=self.num_workers > 0,
+                                 pin_memory=self.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.train.seed))
         self.model = build_model(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.iters_per_epoch = math.ceil(len(self.train_set) / cfg.train.batch_size)
@@ -75,35 +96,64 @@ class Trainer:
         self.iteration, self.epoch, self.skipped_batches = 0, 0, 0
         self.best: float | None = None
         self.last_metrics: dict[str, Any] = {}
-        if resume:
-            self._resume()
-        else:
+        self.saved_iteration: int | None = None  # of the newest last.pth
+        self.stopped_by_budget = False
+        self.started = time.monotonic()
+        self.pace = {"seconds": 0.0, "iters": 0, "window_seconds": 0.0, "window_iters": 0}
+        if resume_state is not None:
+            self._resume(resume_state)
+        prepare_run_dir(self.run_dir, overwrite)
+        if not resume:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.logger = RunLogger(self.run_dir, cfg.train.tensorboard, self.iteration if resume else None)
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end and return the last evaluation metrics."""
-        cfg = self.cfg.train
-        log.info("training %s for %d iterations (%d per epoch) on %s", self.cfg.model.name, self.total_iters,
-                 self.iters_per_epoch, self.device)
+        """Train to the end (or the time budget) and return the last evaluation metrics.
+
+        Raises:
+            TrainingInterrupted: on Ctrl-C; its message names the last checkpoint.
+        """
+        budget = self.cfg.train.time_budget
+        log.info("training %s for %d iterations (%d per epoch) on %s%s", self.cfg.model.name, self.total_iters,
+                 self.iters_per_epoch, self.device, f", time budget {budget:g} min" if budget else "")
+        self.started = time.monotonic()
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
-        evaluated_at = -1
-        while self.iteration < self.total_iters:
+        try:
+            # Log lines go through tqdm.write so that they do not break the bar.
+            with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
+                evaluated_at = self._train_loop(bar)
+            bar.close()
+            if self.stopped_by_budget:
+                log.info("time budget of %g min spent: stopped at iteration %d of %d, checkpoint %s", budget,
+                         self.iteration, self.total_iters, self.run_dir / "last.pth")
+            if self.val_set is not None and evaluated_at != self.iteration:
+                self.evaluate()
+            self._finish()
+        except KeyboardInterrupt:
+            self.logger.close()
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        finally:
+            bar.close()
+        return self.last_metrics
+
+    def _train_loop(self, bar: tqdm) -> int:
+        """Epochs with their evaluations and checkpoints; returns the iteration last evaluated at."""
+        cfg = self.cfg.train
+        evaluated_at, first = -1, self.iteration
+        # At least one iteration, so that even a budget spent at once ends with a checkpoint.
+        while self.iteration < self.total_iters and not (self.iteration > first and self._out_of_time()):
             self._train_epoch(bar)
             finished_epoch = self.iteration % self.iters_per_epoch == 0
             if finished_epoch:
                 self.epoch += 1
             due = cfg.eval_interval > 0 and finished_epoch and self.epoch % cfg.eval_interval == 0
-            if self.val_set is not None and (due or self.iteration >= self.total_iters):
+            last = self.iteration >= self.total_iters or self._out_of_time()
+            if self.val_set is not None and (due or last):
                 self.evaluate()
                 evaluated_at = self.iteration
             self.save("last.pth")
-        bar.close()
-        if self.val_set is not None and evaluated_at != self.iteration:
-            self.evaluate()
-        self._finish()
-        return self.last_metrics
+        return evaluated_at
 
     def train_step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float] | None:
         """One optimisation step; returns the losses, or None when a non-finite loss skipped it."""
@@ -130,7 +180,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """COCO-evaluate on the validation split, log, keep the best checkpoint and feed the scheduler."""
         metrics, _ = evaluate_model(self.model, self.val_set, self.cfg.eval, self.device,
-                                    self.cfg.data.num_workers, self.progress)
+                                    self.num_workers, self.progress)
         self.last_metrics = metrics
         flat = {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
         self.logger.write("eval", self.iteration, self.epoch, flat)
@@ -161,30 +211,59 @@ class Trainer:
             },
             self.run_dir / name,
         )
+        if name == "last.pth":
+            self.saved_iteration = self.iteration
 
     def _train_epoch(self, bar: tqdm) -> None:
         cfg = self.cfg.train
-        done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-        batches = epoch_batches(len(self.train_set), cfg.batch_size, cfg.seed, self.epoch)[done_in_epoch:]
-        self.train_set.set_epoch(self.epoch)
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-                            collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + self.epoch))
+        self.sampler.set_epoch(self.epoch, skip=self.iteration - self.epoch * self.iters_per_epoch)
         started = time.perf_counter()
-        for images, targets in loader:
+        for images, targets in self.loader:
             losses = self.train_step(images, targets)
             self.schedule.step()
             self.iteration += 1
             bar.update(1)
+            self._clock(time.perf_counter() - started)  # the step and the wait for its batch
             if losses is not None:
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self._lr():.2e}", refresh=False)
                 if self.iteration % cfg.log_interval == 0 or self.iteration == 1:
-                    rate = (time.perf_counter() - started) / max(1, len(images))
-                    self.logger.write("train", self.iteration, self.epoch, {**losses, "lr": self._lr(), "s_per_img": rate})
+                    self._log_progress(losses, len(images))
             started = time.perf_counter()
             if cfg.checkpoint_interval and self.iteration % cfg.checkpoint_interval == 0:
                 self.save("last.pth")
-            if self.iteration >= self.total_iters:
+            if self.iteration >= self.total_iters or self._out_of_time():
                 break
+
+    def _clock(self, seconds: float) -> None:
+        for key in ("seconds", "window_seconds"):
+            self.pace[key] += seconds
+        for key in ("iters", "window_iters"):
+            self.pace[key] += 1
+
+    def _log_progress(self, losses: dict[str, float], batch: int) -> None:
+        """A log line and a ``train`` record: losses, lr, s/iter (since the last line) and the ETA."""
+        pace = self.pace
+        s_per_iter = pace["window_seconds"] / max(1, pace["window_iters"])
+        eta = (self.total_iters - self.iteration) * pace["seconds"] / max(1, pace["iters"])
+        if self.cfg.train.time_budget:
+            eta = min(eta, max(0.0, self.cfg.train.time_budget * 60 - (time.monotonic() - self.started)))
+        log.info(format_progress(self.iteration, self.total_iters, losses, self._lr(), s_per_iter, eta))
+        self.logger.write("train", self.iteration, self.epoch,
+                          {**losses, "lr": self._lr(), "s_per_iter": s_per_iter, "s_per_img": s_per_iter / batch})
+        pace["window_seconds"], pace["window_iters"] = 0.0, 0
+
+    def _out_of_time(self) -> bool:
+        budget = self.cfg.train.time_budget
+        if budget is not None and time.monotonic() - self.started >= budget * 60:
+            self.stopped_by_budget = True
+        return self.stopped_by_budget
+
+    def _interrupted_message(self) -> str:
+        where = f"interrupted at iteration {self.iteration} of {self.total_iters}"
+        if self.saved_iteration is None:
+            return f"{where}; no checkpoint was written yet (start again with --overwrite)"
+        return (f"{where}; last checkpoint: {self.run_dir / 'last.pth'} (iteration {self.saved_iteration}); "
+                "continue with --resume")
 
     def _lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
@@ -207,14 +286,14 @@ class Trainer:
             raise ValueError(f"model.num_classes is {self.cfg.model.num_classes} but {self.train_set.index.ann_file} "
                              f"has {found} categories ({', '.join(self.train_set.class_names)})")
 
-    def _resume(self) -> None:
+    def _resume(self, state: dict[str, Any]) -> None:
         path = self.run_dir / "last.pth"
-        state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.saved_iteration = self.iteration
         self.best = state["metrics"].get("best")
         self.skipped_batches = state["metrics"].get("skipped_batches", 0)
         set_rng_state(state["rng_state"])

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+from rsiseg.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
@@ -185,6 +187,10 @@ def _check_results(results: list[dict[str, Any]], gt: dict[str, Any], iou_types:
         missing = [k for k in needed if k not in res]
         if missing:
             raise ValueError(f"result #{i} lacks {missing} (needed for iou types {iou_types})")
+        numbers = [res["score"], *(res.get("bbox") or [])]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            raise ValueError(f"result #{i} has a non-finite or non-numeric score or bbox: "
+                             f"score {res['score']!r}, bbox {res.get('bbox')!r}")
         if res["image_id"] not in image_ids:
             raise ValueError(f"result #{i} has image_id {res['image_id']!r}, which the ground truth lacks")
         # A category the ground truth lacks would be dropped without a word; it is nearly always
@@ -306,8 +312,7 @@ def _percent(value: float | None) -> str:
 
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> None:
-    """Write ``metrics`` as JSON (indent 2), creating the parent folder if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``metrics`` as JSON (indent 2) atomically, creating the parent folder if needed."""
     # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers.
-    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text))

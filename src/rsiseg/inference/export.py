@@ -1,12 +1,19 @@
 """Export of predictions as COCO results (the ``[{image_id, category_id, bbox, score, ...}]`` list).
 
-Predictions follow the torchvision Mask R-CNN output contract, one dict per image:
+Predictions are one dict per image (the rsiseg Mask R-CNN eval output):
 
-* ``boxes``: ``FloatTensor[N, 4]``, xyxy, absolute pixels;
-* ``labels``: ``int64[N]`` in 1..K (0 is background);
-* ``scores``: ``FloatTensor[N]`` in [0, 1];
-* ``masks`` (optional): ``FloatTensor[N, 1, H, W]`` (or ``[N, H, W]``) probabilities in [0, 1]
-  at full image size. Without it the prediction is box-only.
+* ``boxes``: ``float32 [N, 4]``, xyxy in original-image pixels;
+* ``labels``: ``int64 [N]`` in 1..K (0 is background);
+* ``scores``: ``float32 [N]`` in [0, 1];
+* ``roi_masks`` (optional): ``float32 [N, M, M]`` (or ``[N, 1, M, M]``) mask probabilities in
+  [0, 1] over each detection's box, as torchvision's ``maskrcnn_inference`` gives them; they are
+  pasted and binarised inside each box only (:mod:`rsiseg.inference.paste`), so no full-size
+  raster is made;
+* ``image_size``: ``int64 [2]`` = ``(H, W)`` of the original image, required with ``roi_masks``;
+* ``masks`` (optional, used only without ``roi_masks``): ``float [N, 1, H, W]`` (or ``[N, H, W]``)
+  probabilities in [0, 1] at full image size, for tools that produce full-size masks.
+
+Without either mask field the prediction is box-only.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import torch
 
 from rsiseg.fileio import atomic_write
+from rsiseg.inference.paste import roi_masks_to_rles
 from rsiseg.structures import masks_to_rles, rle_area, xyxy_to_xywh
 
 # Masks are binarised this many at a time: the float probabilities of a dense scene
@@ -38,14 +46,16 @@ def prediction_to_coco(
 
     Args:
         pred: ``boxes`` float[N, 4] xyxy pixels, ``labels`` int64[N] in 1..K, ``scores``
-            float[N] in [0, 1], optional ``masks`` float[N, 1, H, W] or [N, H, W] in [0, 1].
-            Tensors may live on any device.
+            float[N] in [0, 1]; optional ``roi_masks`` float[N, M, M] box-relative probabilities
+            with ``image_size`` (H, W), or else optional full-size ``masks`` float[N, 1, H, W] or
+            [N, H, W] in [0, 1] (see the module docstring). Tensors may live on any device.
         image_id: COCO id of the image.
         label_to_category_id: dataset category id of each model label. A sequence lists the
             category ids in label order (``seq[0]`` is the category of label 1, as in
             ``[c["id"] for c in coco["categories"]]``); a mapping maps label -> category id.
         score_threshold: detections with ``score < score_threshold`` are dropped.
-        mask_threshold: a pixel is foreground when its probability is ``> mask_threshold``.
+        mask_threshold: a pixel is foreground when its probability is ``> mask_threshold``
+            (must be >= 0 with ``roi_masks``: pixels outside a box are 0 and stay background).
         max_detections: keep at most this many detections (the highest scoring); None keeps all.
 
     Returns:
@@ -55,7 +65,8 @@ def prediction_to_coco(
         "counts": str}``. ``area`` is the mask's pixel count, or ``w * h`` for box-only entries.
 
     Raises:
-        ValueError: a field is missing or mis-shaped, or a label has no category id.
+        ValueError: a field is missing (``image_size`` with ``roi_masks``) or mis-shaped, or a
+            label has no category id.
     """
     boxes, labels, scores = _check_fields(pred)
     category_ids = _map_labels(labels, label_to_category_id)
@@ -74,9 +85,8 @@ def prediction_to_coco(
         for cat, box, score in zip(categories_kept, xywh, scores_kept)
     ]
 
-    if "masks" in pred and pred["masks"] is not None:
-        masks = _squeeze_masks(pred["masks"], len(labels))
-        rles = _encode_masks(masks, order, mask_threshold)
+    rles = _encode_segmentations(pred, boxes, order, mask_threshold)
+    if rles is not None:
         for entry, rle in zip(entries, rles):
             entry["segmentation"] = rle
             entry["area"] = rle_area(rle)
@@ -136,13 +146,35 @@ def _map_labels(labels: torch.Tensor, label_to_category_id: Sequence[int] | Mapp
     return [table[label] for label in labels.tolist()]
 
 
-def _squeeze_masks(masks: torch.Tensor, n: int) -> torch.Tensor:
-    """``[N, 1, H, W]`` or ``[N, H, W]`` -> ``[N, H, W]`` (no copy)."""
+def _encode_segmentations(
+    pred: Mapping[str, torch.Tensor], boxes: torch.Tensor, order: torch.Tensor, threshold: float
+) -> list[dict[str, Any]] | None:
+    """RLEs of the detections at ``order`` from ``roi_masks`` or else ``masks``; None when box-only.
+
+    Args:
+        pred: the prediction (see :func:`prediction_to_coco`).
+        boxes: its validated ``float32 [N, 4]`` CPU boxes.
+        order: int64 indices of the detections to encode, in output order.
+        threshold: foreground when a probability is strictly above it.
+    """
+    n = len(boxes)
+    if pred.get("roi_masks") is not None:
+        if pred.get("image_size") is None:
+            raise ValueError(f"prediction has 'roi_masks' but no 'image_size' field (got {sorted(pred)})")
+        rois = _squeeze_masks(pred["roi_masks"], n, "roi_masks")
+        return roi_masks_to_rles(rois[order.to(rois.device)], boxes[order], pred["image_size"], threshold)
+    if pred.get("masks") is not None:
+        return _encode_masks(_squeeze_masks(pred["masks"], n, "masks"), order, threshold)
+    return None
+
+
+def _squeeze_masks(masks: torch.Tensor, n: int, key: str) -> torch.Tensor:
+    """``[N, 1, A, B]`` or ``[N, A, B]`` -> ``[N, A, B]`` (no copy); ``key`` names the field in errors."""
     masks = torch.as_tensor(masks).detach()
     if masks.ndim == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if masks.ndim != 3 or masks.shape[0] != n:
-        raise ValueError(f"prediction 'masks' has shape {tuple(masks.shape)}; want [{n}, 1, H, W] or [{n}, H, W]")
+        raise ValueError(f"prediction '{key}' has shape {tuple(masks.shape)}; want [{n}, 1, A, B] or [{n}, A, B]")
     return masks
 
 

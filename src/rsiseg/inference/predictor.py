@@ -1,7 +1,8 @@
 """Running a trained model: load from a checkpoint, predict batches, evaluate a dataset.
 
-Predictions are turned into COCO results (RLE masks) image by image, so that dense scenes
-with up to 1000 full-size mask probabilities never pile up in memory.
+Predictions keep each detection's ``M x M`` mask probabilities (``roi_masks``) and are turned
+into COCO results (RLE masks pasted inside each box) image by image, so a dense scene never
+holds a full-size mask. Evaluation reads images only: the ground truth is scored from the JSON.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def iterate_predictions(
     progress: bool = True, desc: str = "predict",
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]]:
     """Yield ``(prediction, target, image)`` for every item of a detection dataset."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    # A private generator: the loader must not draw on the global RNG that training resumes exactly.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(0))
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         for pred, target, image in zip(predict_images(model, images, device), targets, images):
             yield pred, target, image
@@ -95,13 +98,18 @@ def iterate_predictions(
 
 def predict_dataset(
     model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, label_to_category: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO results (bbox + RLE segmentation) for every image of ``dataset``."""
+    """COCO results (bbox + RLE segmentation) for every image of ``dataset`` (its images only are read).
+
+    ``label_to_category`` (the data's category id of each model label, see
+    :func:`rsiseg.inference.classes.map_labels_to_categories`) defaults to the dataset's own order.
+    """
     results: list[dict[str, Any]] = []
-    for pred, target, _ in iterate_predictions(model, dataset, device, eval_cfg.batch_size, num_workers, progress):
+    images = dataset.images_only()
+    for pred, target, _ in iterate_predictions(model, images, device, eval_cfg.batch_size, num_workers, progress):
         results += prediction_to_coco(
-            pred, int(target["image_id"]), dataset.label_to_category,
+            pred, int(target["image_id"]), label_to_category or dataset.label_to_category,
             score_threshold=eval_cfg.score_threshold, mask_threshold=eval_cfg.mask_threshold,
         )
     return results
@@ -109,14 +117,14 @@ def predict_dataset(
 
 def evaluate_model(
     model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, label_to_category: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predict ``dataset`` and compute COCO metrics against its checked ground truth.
 
     Returns:
         ``(metrics, results)``: metrics as from :func:`rsiseg.evaluation.coco.evaluate_coco`.
     """
-    results = predict_dataset(model, dataset, eval_cfg, device, num_workers, progress)
+    results = predict_dataset(model, dataset, eval_cfg, device, num_workers, progress, label_to_category)
     metrics = evaluate_coco(
         dataset.index.to_coco(), results, iou_types=tuple(eval_cfg.iou_types), preset=eval_cfg.preset,
         max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None,

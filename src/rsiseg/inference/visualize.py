@@ -4,8 +4,10 @@
 RGB; ``draw_instances`` blends masks in class colours, outlines them and their boxes, labels
 each instance with ``"name score"`` and adds a legend (top-right) of the classes present with
 their counts. Sizes of text and lines follow the image size, so a 128 px patch and a 4000 px
-scene both read well. Everything per pixel is vectorised (numpy/torch); only the per-instance
-drawing of boxes and text loops in Python.
+scene both read well. Masks come either as box-relative ``roi_masks``, pasted one box window
+at a time (:mod:`rsiseg.inference.paste`) so that a dense scene never needs ``[N, H, W]``, or as
+full-size ``masks``. Per-pixel work is vectorised (numpy/torch) within each instance's window;
+instances, boxes and text loop in Python.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import colorsys
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rsiseg.inference.paste import Window, iter_windows
+
 # An image whose 2-98 percentile span is below this is "dark or low-contrast" and gets
 # stretched; linear SAR and 12-bit data scaled as uint16 typically span only a few percent.
 _LOW_CONTRAST_SPAN = 0.5
 # Percentiles are estimated on at most about this many pixels: np.percentile sorts, and a
 # full 4000 x 4000 x 3 scene would take seconds for no visible difference.
 _STRETCH_SAMPLES = 250_000
-# Upper bound on mask elements handled at once when building the instance map (~16 M).
-_MASK_BLOCK_ELEMENTS = 1 << 24
 # Beyond 16 entries an axis is taken to be spatial, not bands.
 _MAX_BANDS = 16
 # Tags stop once they cover this fraction of the image: in dense scenes (hundreds of
@@ -109,11 +111,15 @@ def draw_instances(
     Args:
         image_rgb: ``uint8[H, W, 3]``; any other image is first passed to :func:`to_display_rgb`.
         pred: ``boxes`` [N, 4] xyxy pixels, ``labels`` int [N] in 1..K, optional ``scores``
-            [N] in [0, 1] (absent for ground truth: all drawn, no score in tags), optional
-            ``masks`` [N, 1, H, W] or [N, H, W], probabilities or {0, 1}. Tensors or arrays.
+            [N] in [0, 1] (absent for ground truth: all drawn, no score in tags), and optionally
+            masks: ``roi_masks`` float32 [N, M, M] (or [N, 1, M, M]) probabilities over each box,
+            pasted as torchvision's ``paste_masks_in_image`` would (an ``image_size`` (H, W)
+            field, if present, must match the image), or else full-size ``masks``
+            [N, 1, H, W] or [N, H, W], probabilities or {0, 1}. Tensors or arrays.
         class_names: ``class_names[i]`` names label ``i + 1``.
         score_threshold: instances with a lower score are not drawn.
-        mask_threshold: a mask pixel is foreground when strictly above it.
+        mask_threshold: a mask pixel is foreground when strictly above it (>= 0 for
+            ``roi_masks``: pixels outside a box are background).
         show_legend: draw the legend.
         alpha: opacity of the mask fill.
 
@@ -121,19 +127,19 @@ def draw_instances(
         A new ``uint8[H, W, 3]`` image; the input is not modified.
 
     Raises:
-        ValueError: fields of ``pred`` disagree in length, or masks are not the image's size.
+        ValueError: fields of ``pred`` disagree in length, or masks (or ``image_size``) are not
+            the image's size.
     """
     image = _as_display_image(image_rgb)
     height, width = image.shape[:2]
-    boxes, labels, scores, masks, ranks = _select_instances(pred, score_threshold)
+    boxes, labels, scores, order = _select_instances(pred, score_threshold)
     palette = class_colors(max([len(class_names), *labels.tolist()]))
     colors = np.array([palette[lab - 1] if lab >= 1 else (128, 128, 128) for lab in labels], np.uint8).reshape(-1, 3)
 
     out = image.copy()
-    if masks is not None and len(labels):
-        if tuple(masks.shape[-2:]) != (height, width):
-            raise ValueError(f"masks are {tuple(masks.shape[-2:])} but the image is {(height, width)}")
-        _blend_masks(out, _instance_map(masks, ranks, mask_threshold), colors, alpha)
+    windows = _mask_windows(pred, order, height, width)
+    if windows is not None and len(labels):
+        _blend_masks(out, _instance_map(windows, height, width, mask_threshold), colors, alpha)
 
     canvas = Image.fromarray(out)
     draw = ImageDraw.Draw(canvas)
@@ -230,25 +236,20 @@ def _as_display_image(image: np.ndarray) -> np.ndarray:
 
 def _select_instances(
     pred: Mapping[str, torch.Tensor | np.ndarray], score_threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, torch.Tensor | None, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Kept instances in drawing order (ascending score, so the best ends on top).
 
     Returns ``boxes float64[M, 4]``, ``labels int64[M]``, ``scores float64[M]`` or None (all
-    kept, in drawing order), the untouched ``masks [N, H, W]`` (torch, original dtype) or None,
-    and ``ranks int64[N]``: 1 + drawing position of each original instance, 0 if dropped.
-    Masks are not gathered because copying N full-size float masks costs more than using them.
+    kept, in drawing order), and ``order int64[M]``: the original index of each kept instance.
+    Masks are only checked for length here; :func:`_mask_windows` reads them.
     """
     labels = _to_numpy(pred["labels"]).astype(np.int64).reshape(-1)
     n = len(labels)
     boxes = _to_numpy(pred["boxes"]).astype(np.float64).reshape(-1, 4)
     scores = _to_numpy(pred["scores"]).astype(np.float64).reshape(-1) if pred.get("scores") is not None else None
-    masks = pred.get("masks")
-    if masks is not None:
-        masks = torch.as_tensor(masks).detach()
-        masks = masks[:, 0] if masks.ndim == 4 else masks
     lengths = {"boxes": len(boxes), "labels": n}
     lengths.update({} if scores is None else {"scores": len(scores)})
-    lengths.update({} if masks is None else {"masks": len(masks)})
+    lengths.update({key: len(pred[key]) for key in ("masks", "roi_masks") if pred.get(key) is not None})
     if len(set(lengths.values())) > 1:
         raise ValueError(f"prediction fields disagree in length: {lengths}")
 
@@ -257,39 +258,56 @@ def _select_instances(
     else:
         order = np.nonzero(scores >= score_threshold)[0]
         order = order[np.argsort(scores[order], kind="stable")]
-    ranks = np.zeros(n, dtype=np.int64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    return boxes[order], labels[order], None if scores is None else scores[order], masks, ranks
+    return boxes[order], labels[order], None if scores is None else scores[order], order
 
 
 def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _instance_map(masks: torch.Tensor, ranks: np.ndarray, threshold: float) -> np.ndarray:
-    """``int32[H, W]``: the highest rank among the masks covering each pixel, 0 for none.
+def _mask_windows(
+    pred: Mapping[str, torch.Tensor | np.ndarray], order: np.ndarray, height: int, width: int
+) -> Iterator[Window] | None:
+    """Mask windows of the instances at ``order``, in that order; None when ``pred`` has no masks.
+
+    ``roi_masks`` are pasted inside their boxes only (the main path); full-size ``masks`` become
+    whole-image windows at ``(0, 0)``, views rather than copies.
+    """
+    index = torch.as_tensor(order, dtype=torch.int64)
+    if pred.get("roi_masks") is not None:
+        if pred.get("image_size") is not None:
+            size = tuple(int(v) for v in _to_numpy(pred["image_size"]).reshape(-1))
+            if size != (height, width):
+                raise ValueError(f"prediction image_size is {size} but the image is {(height, width)}")
+        rois = torch.as_tensor(pred["roi_masks"]).detach()
+        boxes = torch.as_tensor(pred["boxes"]).detach().reshape(-1, 4)
+        return iter_windows(rois[index.to(rois.device)], boxes[index.to(boxes.device)], (height, width))
+    if pred.get("masks") is None:
+        return None
+    masks = torch.as_tensor(pred["masks"]).detach()
+    masks = masks[:, 0] if masks.ndim == 4 else masks
+    if tuple(masks.shape[-2:]) != (height, width):
+        raise ValueError(f"masks are {tuple(masks.shape[-2:])} but the image is {(height, width)}")
+    return ((masks[i], 0, 0) for i in order.tolist())
+
+
+def _instance_map(windows: Iterable[Window], height: int, width: int, threshold: float) -> np.ndarray:
+    """``int32[H, W]``: 1 + drawing position of the top instance covering each pixel, 0 for none.
 
     Args:
-        masks: ``[N, H, W]``, any dtype and device.
-        ranks: ``int64[N]``; 0 hides an instance.
+        windows: ``(local [h, w], x0, y0)`` per instance, in drawing order; any dtype and device.
+        height, width: the image size.
         threshold: foreground when strictly above it.
 
-    Masks are reduced in slices with a max over "rank where foreground": one vectorised pass
-    over ``N x H x W`` without ever holding more than ~16 M mask elements at a time.
+    Windows come bottom-first, so each simply overwrites the instances below it; only one
+    window is thresholded at a time.
     """
-    n, height, width = masks.shape
-    rank_dtype = torch.int16 if n < torch.iinfo(torch.int16).max else torch.int32
-    ranks_t = torch.as_tensor(ranks).to(device=masks.device, dtype=rank_dtype)
-    zero = torch.zeros((), dtype=rank_dtype, device=masks.device)
-    top = torch.zeros((height, width), dtype=rank_dtype, device=masks.device)
-    block = max(1, _MASK_BLOCK_ELEMENTS // max(1, height * width))
-    for start in range(0, n, block):
-        if not ranks[start : start + block].any():
-            continue
-        fg = masks[start : start + block] > threshold
-        rank = torch.where(fg, ranks_t[start : start + block, None, None], zero)
-        top = torch.maximum(top, rank.amax(dim=0))
-    return top.cpu().numpy().astype(np.int32)
+    top = np.zeros((height, width), dtype=np.int32)
+    for rank, (local, x0, y0) in enumerate(windows, start=1):
+        foreground = (local > threshold).cpu().numpy()
+        h, w = foreground.shape
+        np.copyto(top[y0 : y0 + h, x0 : x0 + w], rank, where=foreground)
+    return top
 
 
 def _blend_masks(out: np.ndarray, instance_map: np.ndarray, colors: np.ndarray, alpha: float) -> None:

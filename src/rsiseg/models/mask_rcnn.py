@@ -1,24 +1,30 @@
 """Mask R-CNN baselines with remote-sensing anchors and dense-scene limits.
 
-The model is torchvision's :class:`~torchvision.models.detection.MaskRCNN`: it takes
-``images``, a list of float ``[C, H, W]`` tensors in [0, 1], and in training ``targets``
-(``boxes`` float ``[N, 4]`` xyxy pixels, ``labels`` int64 ``[N]`` in 1..K, ``masks`` uint8
-``[N, H, W]``), returning a dict of scalar losses. In eval it returns, per image, ``boxes``
-``[M, 4]``, ``labels`` ``[M]``, ``scores`` ``[M]`` and ``masks`` float ``[M, 1, H, W]``
-probabilities, at most ``detections_per_img`` of them (up to 1000 for dense scenes).
+The model is assembled from torchvision's blocks (backbone + FPN, RPN, box and mask heads) as
+torchvision's :class:`~torchvision.models.detection.MaskRCNN` is, with the same parameter names,
+but with a compact mask path (:mod:`rsiseg.models.layers`). It takes ``images``, a list of float
+``[C, H, W]`` tensors in [0, 1], and in training ``targets`` (``boxes`` float ``[N, 4]`` xyxy
+pixels, ``labels`` int64 ``[N]`` in 1..K, ``masks`` :class:`~rsiseg.masks.InstanceMasks`),
+returning a dict of scalar losses. In eval it returns, per image, ``boxes`` ``[D, 4]``,
+``labels`` ``[D]``, ``scores`` ``[D]``, ``roi_masks`` float ``[D, 28, 28]`` (mask probabilities
+inside each box) and ``image_size`` ``[2]``, at most ``detections_per_img`` detections (up to 1000).
 """
 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
 
 from rsiseg.config import ModelConfig
 from rsiseg.models.backbones.resnet_fpn import build_resnet_fpn
+from rsiseg.models.layers.box_matching import DenseRegionProposalNetwork
+from rsiseg.models.layers.rcnn_transform import CompactMaskTransform
+from rsiseg.models.layers.roi_heads import CompactMaskRoIHeads
 
 FPN_LEVELS = 5  # P2-P5 plus the pooled P6
 
@@ -39,47 +45,37 @@ def build_anchor_generator(cfg: ModelConfig, num_levels: int = FPN_LEVELS) -> An
     )
 
 
-def build_mask_rcnn(backbone: nn.Module, cfg: ModelConfig) -> MaskRCNN:
+def build_mask_rcnn(backbone: nn.Module, cfg: ModelConfig) -> GeneralizedRCNN:
     """Assemble Mask R-CNN on a backbone that has ``out_channels`` and returns 5 FPN levels."""
     _check_normalisation(cfg)
     if not 1 <= cfg.detections_per_img <= 1000:
         raise ValueError(f"model.detections_per_img must be in 1..1000, got {cfg.detections_per_img}")
     channels = backbone.out_channels
     anchors = build_anchor_generator(cfg)
-    rpn_head = RPNHead(channels, anchors.num_anchors_per_location()[0])
+    rpn = DenseRegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=cfg.rpn_fg_iou, bg_iou_thresh=cfg.rpn_bg_iou,
+        batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction,
+        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
+        nms_thresh=cfg.rpn_nms_thresh,
+    )
+    levels = ["0", "1", "2", "3"]
     box_dim = max(256, 4 * channels)  # 1024 for a 256-channel FPN, as in the reference model
-    return MaskRCNN(
-        backbone,
-        num_classes=None,  # the injected predictors carry K + 1 outputs
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        image_mean=cfg.image_mean,
-        image_std=cfg.image_std,
-        rpn_anchor_generator=anchors,
-        rpn_head=rpn_head,
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        rpn_nms_thresh=cfg.rpn_nms_thresh,
-        rpn_fg_iou_thresh=cfg.rpn_fg_iou,
-        rpn_bg_iou_thresh=cfg.rpn_bg_iou,
-        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-        rpn_positive_fraction=cfg.rpn_positive_fraction,
-        box_head=TwoMLPHead(channels * 7 * 7, box_dim),
-        box_predictor=FastRCNNPredictor(box_dim, cfg.num_classes + 1),
-        box_score_thresh=cfg.box_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh,
-        box_detections_per_img=cfg.detections_per_img,
-        box_fg_iou_thresh=cfg.roi_fg_iou,
-        box_bg_iou_thresh=cfg.roi_bg_iou,
-        box_batch_size_per_image=cfg.roi_batch_size_per_image,
-        box_positive_fraction=cfg.roi_positive_fraction,
+    roi_heads = CompactMaskRoIHeads(
+        MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        TwoMLPHead(channels * 7 * 7, box_dim),
+        FastRCNNPredictor(box_dim, cfg.num_classes + 1),
+        fg_iou_thresh=cfg.roi_fg_iou, bg_iou_thresh=cfg.roi_bg_iou,
+        batch_size_per_image=cfg.roi_batch_size_per_image, positive_fraction=cfg.roi_positive_fraction,
+        bbox_reg_weights=None, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1),
         mask_predictor=MaskRCNNPredictor(channels, channels, cfg.num_classes + 1),
     )
-
-
+    transform = CompactMaskTransform(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
+    return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
 
 
 def _check_normalisation(cfg: ModelConfig) -> None:
@@ -92,7 +88,7 @@ def _check_normalisation(cfg: ModelConfig) -> None:
 
 
 def _resnet_builder(depth_name: str):
-    def build(cfg: ModelConfig) -> MaskRCNN:
+    def build(cfg: ModelConfig) -> GeneralizedRCNN:
         backbone = build_resnet_fpn(
             depth_name,
             in_channels=cfg.in_channels,

@@ -101,7 +101,15 @@ def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> None:
     """Load local ResNet weights (a state dict, or a dict holding one under ``model``/``state_dict``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.backbone_checkpoint: file not found: {path}") from None
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(f"model.backbone_checkpoint {path}: not a weights-only torch checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"model.backbone_checkpoint {path}: expected a state dict, got {type(state).__name__}")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
