@@ -108,7 +108,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", metavar="DIR", help="image folder of --data (default: the JSON's folder)")
     p.add_argument("--preset", choices=["coco", "isaid"], help="coco: maxDets 1/10/100, areas 32^2/96^2; "
                    "isaid: maxDets 1/10/1000, areas 144^2/512^2 (default: the config's eval.preset)")
-    p.add_argument("--max-dets", type=int, nargs=3, metavar=("D1", "D2", "D3"), help="override the maxDets")
+    p.add_argument("--max-dets", type=int_in_range(1), nargs=3, metavar=("D1", "D2", "D3"), action=IncreasingInts,
+                   help="override the maxDets: three increasing positive integers, e.g. 1 10 1000")
     p.add_argument("--class-map", nargs="+", metavar="MODEL=DATA",
                    help="model class names that the data names differently, e.g. boat=ship")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <checkpoint or predictions folder>/eval)")
@@ -121,23 +122,69 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="predict images; write COCO results JSON and overlay PNGs",
         description="Run a checkpoint on image files or folders. Writes predictions.json (COCO results with RLE "
-        "masks), images.json (the image ids used there) and overlays/<name>.png.",
+        "masks), images.json (the image ids used there, each image's overlay and its detections kept and below "
+        "the score threshold) and overlays/<stem>.png (<stem>_<image id>.png where stems repeat). Files in the "
+        "folders that are not readable images are skipped and counted (--strict refuses them). An --out folder "
+        "holding predictions.json is refused unless --overwrite. Images over RSISEG_MAX_PIXELS pixels (default "
+        "2**30) are refused before decoding.",
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .pth written by rsiseg train")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the predictions of a previous run in --out")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first input that is not a readable image, instead of skipping and counting it")
     p.add_argument("--from-coco", metavar="ANNOTATIONS.json",
                    help="predict the images a COCO JSON lists; results keep its image and category ids")
     p.add_argument("--class-map", nargs="+", metavar="MODEL=DATA",
                    help="with --from-coco: model class names that the JSON names differently")
     p.add_argument("--images", metavar="DIR", help="image folder of --from-coco (default: the JSON's folder)")
-    p.add_argument("--limit", type=int, help="predict at most this many images")
-    p.add_argument("--score-threshold", type=float, default=0.3, help="drop detections below (default 0.3)")
-    p.add_argument("--max-detections", type=int, help="keep at most this many per image (model allows up to 1000)")
+    p.add_argument("--limit", type=int_in_range(1), help="predict at most this many images")
+    p.add_argument("--score-threshold", type=unit_float, default=0.3,
+                   help="drop detections below, in [0, 1] (default 0.3)")
+    p.add_argument("--max-detections", type=int_in_range(1, 1000),
+                   help="keep at most this many per image, 1..1000 (the model's limit)")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int_in_range(1), default=2, help="images per forward pass (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(handler=_run_predict)
+
+
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``; argparse names the option when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'>= {low}' if high is None else f'in {low}..{high}'}, "
+                                             f"got {value}")
+        return value
+
+    return parse
+
+
+def unit_float(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1] (a score or IoU threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+class IncreasingInts(argparse.Action):
+    """Store ``nargs`` integers that must strictly increase (COCO ``maxDets``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[int],
+                 option_string: str | None = None) -> None:
+        if any(b <= a for a, b in zip(values, values[1:])):
+            parser.error(f"argument {option_string}: must increase, e.g. 1 10 100; got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, list(values))
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -157,23 +204,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.25)
     s.set_defaults(handler=_run_synth)
-    c = data_sub.add_parser(
-        "convert",
-        help="convert a published dataset format to COCO",
-        description="Convert a dataset in its published format to a COCO instances JSON. "
-        "isaid: the iSAID release PNGs (Pxxxx.png, Pxxxx_instance_id_RGB.png, Pxxxx_instance_color_RGB.png; "
-        "15-class palette). hrsid: the HRSID COCO JSON files (annotations/*.json), or its PNG id-mask variant (ships). ssdd: the SSDD COCO JSON "
-        "(SRC/annotations/*all*.json) split officially (numbers ending in 1 or 9 are test) with inshore/offshore "
-        "test subsets. nwpu: NWPU VHR-10's COCO JSON split 7:3 by --seed. yolo: YOLO-seg labels with SRC/data.yaml (numeric class names sorted as strings are mapped by name). whu: building tiles with binary masks, instances by "
-        "connected components (--min-area). potsdam: ISPRS Potsdam RGB label tiles to class-index PNG masks (6 classes, "
-        "255 = undefined) for the point-supervised semantic task. Images are not copied: pass the source image folder when training.",
-    )
-    c.add_argument("format", choices=["isaid", "hrsid", "ssdd", "nwpu", "yolo", "whu", "potsdam"])
-    c.add_argument("--src", required=True, metavar="DIR", help="folder holding the scenes (searched recursively)")
-    c.add_argument("--out", required=True, metavar="DIR", help="writes DIR/annotations/instances.json")
-    c.add_argument("--min-area", type=int, help="isaid/hrsid (default 1), whu (default 10): drop and count smaller instances")
-    c.add_argument("--inshore", metavar="FILE", help="ssdd: inshore test images (COCO JSON or a list of names)")
-    c.add_argument("--seed", type=int, default=0, help="nwpu: seed of the 7:3 train/val split")
+    convert = importlib.import_module("rsiseg.commands.data_convert")  # defers its heavy imports to run()
+    c = data_sub.add_parser("convert", help="convert a published dataset format to COCO", description=convert.DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_arguments(c)
     c.set_defaults(handler=_run_convert)
     for name, help_text, description in DATA_COMMANDS:
         module = importlib.import_module(f"rsiseg.commands.data_{name}")  # each defers its heavy imports to run()

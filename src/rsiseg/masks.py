@@ -87,6 +87,8 @@ class InstanceMasks:
                 instances.append(_polygons(rings, height, width) if rings else _EMPTY)
             else:
                 rle = segm
+                if [int(v) for v in segm.get("size", ())] != [height, width]:
+                    raise ValueError(f"RLE size {segm.get('size')} is not the image size [{height}, {width}]")
                 if isinstance(segm.get("counts"), list):
                     rle = mask_utils.frPyObjects(segm, height, width)
                 x, y, w, h = (int(round(v)) for v in rle_to_xywh(rle))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rsiseg.commands import data_stats
+from rsiseg.data.coco_index import DataError
 from rsiseg.data.stats import dataset_stats, foreground_bins
 from rsiseg.structures import mask_to_rle
 
@@ -80,3 +81,14 @@ def test_ssdd_test_split(shared_data: Path) -> None:
     assert stats["num_images"] == 232 and stats["instances_per_class"] == {"ship": 546}
     assert stats["foreground_ratio"]["bins"] == {"[0, 0.1)": 231, "[0.1, 0.2)": 1, "[0.2, 1]": 0}
     assert stats["objects_per_image"]["empty_images"] == 0
+
+
+@pytest.mark.parametrize("vertex", [float("nan"), 1e9])
+def test_bad_numbers_stop_before_rasterising(tmp_path: Path, vertex: float) -> None:
+    path = tmp_path / "ann.json"
+    ann = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "iscrowd": 0,
+           "segmentation": [[1, 1, 4, 1, vertex, 4, 1, 4]]}
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+                                "annotations": [ann], "categories": [{"id": 1, "name": "x"}]}))
+    with pytest.raises(DataError, match=r"ann\.json: annotation id 7: .*segmentation"):
+        dataset_stats(path)

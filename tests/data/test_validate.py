@@ -49,7 +49,7 @@ def write_broken(root: Path, unfixable: bool = True) -> tuple[Path, Path]:
         _ann(10, bbox=[10, 10, 0, 5]),                                         # zero-area box
         _ann(11, segmentation=[[50, 10, 66, 10, 66, 20, 50, 20]], bbox=[50, 10, 16, 10]),  # beyond border
         _ann(12, bbox=[30, 30, 10, 10]),                                       # box far from its mask
-        _ann(13, segmentation=None, bbox=[100, 100, 5, 5]),                    # box outside image
+        _ann(13, segmentation=None, bbox=[70, 50, 5, 5]),                      # box outside image
         {k: v for k, v in _ann(14).items() if k != "bbox"},                    # missing bbox
         _ann(15, image_id=3),                                                  # on the missing image
     ]
@@ -68,8 +68,13 @@ def _run(argv: list[str]) -> int:
 def test_every_kind_counted(tmp_path: Path) -> None:
     ann_file, images = write_broken(tmp_path)
     report = validate_coco(ann_file, images, progress=False)
+    # The kinds added for bad numbers, empty files and repeated file names have their own tests
+    # (tests/data/test_bad_input.py).
     expected = {k: 1 for k in KINDS if k not in ("duplicate category id", "malformed image entry",
-                                                 "malformed annotation", "bad segmentation")}
+                                                 "malformed annotation", "bad segmentation", "no images",
+                                                 "malformed category entry", "bad iscrowd",
+                                                 "duplicate file_name", "non-finite number",
+                                                 "coordinate far outside image")}
     assert dict(report.counts) == expected
     assert report.warnings == {"self-intersecting polygon": 1, "box inconsistent with mask": 1}
     assert not report.ok and report.unusable_images == {3, 4}

@@ -97,11 +97,43 @@ def test_legend_drawn_in_top_right_corner_when_on() -> None:
 def test_score_threshold_hides_instances_and_box_only_works() -> None:
     image = _grey()
     pred = _square_pred()
-    np.testing.assert_array_equal(draw_instances(image, pred, NAMES, score_threshold=0.9), image)
+    np.testing.assert_array_equal(draw_instances(image, pred, NAMES, score_threshold=0.9, note_hidden=False), image)
     del pred["masks"]
     out = draw_instances(image, pred, NAMES, show_legend=False)
     assert not np.array_equal(out[40, 40:80], image[40, 40:80])  # box outline drawn
     np.testing.assert_array_equal(out[60, 60], image[60, 60])  # no mask fill
+
+
+def _changed_rows(out: np.ndarray, image: np.ndarray) -> np.ndarray:
+    return np.nonzero((out != image).any(axis=(1, 2)))[0]
+
+
+@pytest.mark.parametrize("size", [128, 1024])
+def test_hidden_detections_are_noted_bottom_left_in_the_legend_font(size: int) -> None:
+    image = _grey(size)
+    pred = _square_pred(size)
+    out = draw_instances(image, pred, NAMES, score_threshold=0.9)
+    rows, cols = _changed_rows(out, image), np.nonzero((out != image).any(axis=(0, 2)))[0]
+    assert len(rows) and rows.min() > size * 3 // 4 and cols.min() < size // 16  # only the bottom-left note
+    # Same font as the legend: the note panel is as tall as a one-class legend panel.
+    legend = draw_instances(image, pred, NAMES, score_threshold=0.0)
+    legend_rows = np.nonzero((legend[:, -6] != image[:, -6]).any(axis=1))[0]  # near the right edge: the legend only
+    assert abs(len(rows) - len(legend_rows)) <= 4
+    assert len(rows) > (18 if size == 1024 else 8)  # scales with the image
+    assert np.array_equal(draw_instances(image, pred, NAMES, score_threshold=0.5), legend)  # nothing hidden
+
+
+def test_note_text_and_ground_truth_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsiseg.inference.visualize as visualize
+
+    notes: list[str] = []
+    monkeypatch.setattr(visualize, "_draw_note", lambda canvas, text, style, occupied: notes.append(text))
+    pred = {"boxes": torch.tensor([[1.0, 1, 9, 9]] * 13), "labels": torch.ones(13, dtype=torch.int64),
+            "scores": torch.tensor([0.9] + [0.1] * 12)}
+    draw_instances(_grey(), pred, NAMES, score_threshold=0.3)
+    assert notes == ["12 below score 0.3"]
+    draw_instances(_grey(), {"boxes": pred["boxes"], "labels": pred["labels"]}, NAMES, score_threshold=0.3)
+    assert notes == ["12 below score 0.3"]  # no scores (ground truth): nothing is hidden
 
 
 def test_dense_scene_and_numpy_inputs() -> None:

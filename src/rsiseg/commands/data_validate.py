@@ -40,4 +40,9 @@ def run(args: argparse.Namespace) -> int:
         left = sorted(k for k in report.counts if k in UNFIXABLE)
         if left:
             print(f"not fixed (needs a person): {', '.join(left)}")
+    elif not report.ok:
+        fixable = sum(n for k, n in report.errors.items() if k not in UNFIXABLE)
+        if fixable:
+            print(f"{fixable} of these errors can be dropped or repaired: rerun with --fix OUT.json "
+                  "and train on OUT.json")
     return 0 if report.ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,12 @@ from rsiseg.structures import rle_area, segmentation_to_rle
 log = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0  # exporters round coordinates; a box may overhang the border by this much
+# A coordinate more than one image size beyond the border (x < -W or x > 2W) is a corrupt value, not
+# rounding; rasterising it (or a NaN) makes pycocotools allocate gigabytes, so it never gets that far.
+FAR_OUTSIDE_FACTOR = 2.0
+NON_FINITE, FAR_OUTSIDE = "non-finite number", "coordinate far outside image"
+REPAIR_HINT = ("to skip and count such annotations: data.repair=true in a training config, or write a "
+               "repaired copy with `rsiseg data validate --fix OUT.json`")
 
 
 class DataError(ValueError):
@@ -98,12 +105,52 @@ def load_coco_index(ann_file: str | Path, image_dir: str | Path, repair: bool = 
     report = DataReport(str(ann_file))
     checker = _Checker(ann_file, image_dir, repair, report)
     categories = checker.categories(raw)
+    if not raw["images"]:
+        raise DataError(f"{ann_file}: field 'images' is empty, so there is nothing to train or evaluate on")
     images = checker.images(raw)
     anns_by_image = checker.annotations(raw, images, {c["id"] for c in categories})
     kept = [img for img in images if img["id"] not in checker.dropped_images]
     if report.counts:
         log.warning(report.summary())
     return CocoIndex(ann_file, image_dir, kept, anns_by_image, categories, report)
+
+
+def number_problem(ann: dict[str, Any], width: int, height: int) -> tuple[str, str] | None:
+    """The first non-finite or absurd number of an annotation's ``bbox``, polygons or ``area``.
+
+    Only numeric values are looked at; malformed fields are the other checks' business.
+
+    Returns:
+        ``(kind, detail)`` with kind :data:`NON_FINITE` or :data:`FAR_OUTSIDE` and a detail naming
+        the field, or None when every number is finite and within ``FAR_OUTSIDE_FACTOR`` image sizes.
+    """
+    fields: list[tuple[str, list[Any]]] = []
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list) and len(bbox) == 4:
+        fields.append(("bbox", bbox))
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):
+        fields += [(f"segmentation[{k}]", poly) for k, poly in enumerate(segm) if isinstance(poly, list)]
+    area = ann.get("area")
+    for name, values in fields + [("area", [area])]:
+        bad = [v for v in values if _is_number(v) and not math.isfinite(v)]
+        if bad:
+            return NON_FINITE, f"field {name!r} holds {bad[0]}"
+    f = FAR_OUTSIDE_FACTOR
+    x_range, y_range = (-(f - 1) * width, f * width), (-(f - 1) * height, f * height)
+    for name, values in fields:
+        if not all(_is_number(v) for v in values):
+            continue
+        points = values if name != "bbox" else [values[0], values[1], values[0] + values[2], values[1] + values[3]]
+        for x, y in zip(points[0::2], points[1::2]):
+            if not (x_range[0] <= x <= x_range[1] and y_range[0] <= y <= y_range[1]):
+                return FAR_OUTSIDE, (f"field {name!r} reaches ({x:g}, {y:g}), more than {f:g}x the "
+                                     f"{width}x{height} image")
+    return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_coco_json(path: Path) -> dict[str, Any]:
@@ -138,7 +185,7 @@ class _Checker:
         """Raise, or count a skip when repairing."""
         message = f"{self.ann_file}: {where}: {detail}"
         if not self.repair:
-            raise DataError(message + " (set data.repair=true to skip and count such annotations)")
+            raise DataError(f"{message} ({REPAIR_HINT})")
         self.report.add(kind, where)
 
     def categories(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -156,9 +203,14 @@ class _Checker:
     def images(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
         seen: set[int] = set()
         for i, img in enumerate(raw["images"]):
+            if not isinstance(img, dict):
+                raise DataError(f"{self.ann_file}: images[{i}] is not an object")
             for key, kind in (("id", int), ("file_name", str), ("height", int), ("width", int)):
                 if not isinstance(img.get(key), kind):
                     raise DataError(f"{self.ann_file}: images[{i}] field {key!r} is missing or not {kind.__name__}")
+            if img["height"] <= 0 or img["width"] <= 0:
+                raise DataError(f"{self.ann_file}: images[{i}] ({img['file_name']}) has size "
+                                f"{img['width']}x{img['height']}; fields 'width' and 'height' must be > 0")
             if img["id"] in seen:
                 raise DataError(f"{self.ann_file}: duplicate image id {img['id']} ({img['file_name']})")
             seen.add(img["id"])
@@ -180,7 +232,8 @@ class _Checker:
             if ann["id"] in seen:
                 raise DataError(f"{self.ann_file}: duplicate annotation id {ann['id']}")
             seen.add(ann["id"])
-            img = by_id.get(ann.get("image_id"))
+            image_id = ann.get("image_id")
+            img = by_id.get(image_id) if type(image_id) is int else None
             if img is None:
                 self.fail("unknown image id", f"annotation id {ann['id']}", f"unknown image_id {ann.get('image_id')!r}")
                 continue
@@ -194,8 +247,12 @@ class _Checker:
     def annotation(self, ann: dict[str, Any], img: dict[str, Any], category_ids: set[int]) -> dict[str, Any] | None:
         """One annotation, returned (possibly repaired) or None when skipped."""
         where = f"annotation id {ann['id']} (image {img['file_name']})"
-        if ann.get("category_id") not in category_ids:
+        if type(ann.get("category_id")) is not int or ann["category_id"] not in category_ids:
             self.fail("unknown category id", where, f"unknown category_id {ann.get('category_id')!r}")
+            return None
+        problem = number_problem(ann, img["width"], img["height"])
+        if problem is not None:
+            self.fail(problem[0], where, problem[1])
             return None
         segm = ann.get("segmentation")
         if isinstance(segm, list):
@@ -216,7 +273,11 @@ class _Checker:
         if not isinstance(area, (int, float)):
             # COCO evaluation needs the area for its size ranges; derive it as pycocotools would.
             area = rle_area(segmentation_to_rle(segm, img["height"], img["width"])) if segm else bbox[2] * bbox[3]
-        return {**ann, "segmentation": segm, "bbox": bbox, "area": area, "iscrowd": int(ann.get("iscrowd", 0))}
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            self.fail("bad iscrowd", where, f"field 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+            return None
+        return {**ann, "segmentation": segm, "bbox": bbox, "area": area, "iscrowd": int(iscrowd)}
 
     def polygons(self, segm: list[Any], where: str) -> list[list[float]] | None:
         good = []

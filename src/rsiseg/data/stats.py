@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from pycocotools import mask as mask_utils
 
-from rsiseg.data.coco_index import read_coco_json
+from rsiseg.data.coco_index import DataError, number_problem, read_coco_json
 from rsiseg.structures import rle_area, segmentation_to_rle
 
 SIZE_MARKS = (32.0, 96.0, 144.0)
@@ -40,6 +40,7 @@ def dataset_stats(ann_file: str | Path, images_dir: str | Path | None = None) ->
         counts per bin), ``per_image`` rows and the raw ``box_sqrt_areas`` for figures.
     """
     raw = read_coco_json(Path(ann_file))
+    _refuse_bad_numbers(raw, ann_file)
     names = {c["id"]: c["name"] for c in raw["categories"]}
     by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in raw["images"]}
     for ann in raw["annotations"]:
@@ -68,6 +69,17 @@ def dataset_stats(ann_file: str | Path, images_dir: str | Path | None = None) ->
         "per_image": per_image,
         "box_sqrt_areas": sqrt_areas,
     }
+
+
+def _refuse_bad_numbers(raw: dict[str, Any], ann_file: str | Path) -> None:
+    """Stop before rasterising: a NaN or absurd vertex would make pycocotools allocate gigabytes."""
+    sizes = {img.get("id"): (img.get("width", 0), img.get("height", 0)) for img in raw["images"]}
+    for ann in raw["annotations"]:
+        width, height = sizes.get(ann.get("image_id"), (0, 0))
+        problem = number_problem(ann, width, height)
+        if problem:
+            raise DataError(f"{ann_file}: annotation id {ann.get('id')}: {problem[0]}: {problem[1]}; "
+                            "repair it with rsiseg data validate --fix OUT.json")
 
 
 def foreground_ratio(anns: list[dict[str, Any]], height: int, width: int) -> float:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rsiseg.data.coco_index import DataReport
+from rsiseg.data.coco_index import DataError, DataReport
 from rsiseg.data.io import TIFF_SUFFIXES, image_size, is_band_first
 from rsiseg.masks import InstanceMasks
 
@@ -125,13 +126,37 @@ def _plan_scene(
     return patches
 
 
-def _patch_name(file_name: str, window: Window) -> str:
+def _patch_name(file_name: str, window: Window, stems: dict[str, str] | None = None) -> str:
     y1, y2, x1, x2 = window
     path = Path(file_name)
-    return f"{path.stem}_{y1}_{y2}_{x1}_{x2}{path.suffix}"
+    stem = (stems or {}).get(file_name, path.stem)
+    return f"{stem}_{y1}_{y2}_{x1}_{x2}{path.suffix}"
 
 
-def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path) -> None:
+def patch_stems(file_names: list[str]) -> dict[str, str]:
+    """The stem each scene's patches are named by, so that scenes never overwrite each other.
+
+    ``images/`` is flat, so ``a/x.png`` and ``b/x.png`` would both give ``x_0_800_0_800.png``: scenes
+    whose file name is shared take their folder path too (``a__x``, ``b__x``); the others keep their
+    stem, so iSAID names stay ``Pxxxx_y1_y2_x1_x2``.
+
+    Raises:
+        DataError: a file_name listed twice, or names that still collide.
+    """
+    repeated = sorted(n for n, k in Counter(file_names).items() if k > 1)
+    if repeated:
+        raise DataError(f"file_name listed by more than one image: {repeated[:3]}; their patches would overwrite "
+                        "each other (run `rsiseg data validate`)")
+    shared = Counter(Path(n).name for n in file_names)
+    stems = {n: Path(n).stem if shared[Path(n).name] == 1 else "__".join(Path(n).with_suffix("").parts)
+             for n in file_names}
+    clash = Counter((stem, Path(n).suffix) for n, stem in stems.items())
+    if any(k > 1 for k in clash.values()):
+        raise DataError(f"scene names collide even with their folders: {[s for s, k in clash.items() if k > 1][:3]}")
+    return stems
+
+
+def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path, stems: dict[str, str]) -> None:
     """Read a scene once and write its kept patches in the source format and dtype."""
     if src.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
@@ -141,7 +166,8 @@ def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path) -> 
         for p in patches:
             y1, y2, x1, x2 = p.window
             crop = array[:, y1:y2, x1:x2] if band_first else array[y1:y2, x1:x2]
-            tifffile.imwrite(out_images / _patch_name(src.name, p.window), np.ascontiguousarray(crop))
+            tifffile.imwrite(out_images / _patch_name(p.scene["file_name"], p.window, stems),
+                             np.ascontiguousarray(crop))
         return
     from PIL import Image
 
@@ -150,7 +176,8 @@ def _write_scene_patches(src: Path, patches: list[_Patch], out_images: Path) -> 
         img.load()
         for p in patches:
             y1, y2, x1, x2 = p.window
-            img.crop((x1, y1, x2, y2)).save(out_images / _patch_name(src.name, p.window), format=img.format)
+            img.crop((x1, y1, x2, y2)).save(out_images / _patch_name(p.scene["file_name"], p.window, stems),
+                                            format=img.format)
 
 
 def split_coco(
@@ -160,7 +187,8 @@ def split_coco(
 ) -> dict[str, Any]:
     """Cut every scene of a COCO dataset into patches and clip its annotations to them.
 
-    Writes ``out_dir/images/{stem}_{y1}_{y2}_{x1}_{x2}{suffix}`` and
+    Writes ``out_dir/images/{stem}_{y1}_{y2}_{x1}_{x2}{suffix}`` (see :func:`patch_stems` for scenes
+    that share a file name in different folders) and
     ``out_dir/annotations/instances.json``. Patch image entries carry ``scene_file``,
     ``scene_id`` and ``offset = [x1, y1]``; annotations carry ``scene_ann_id``.
 
@@ -188,6 +216,7 @@ def split_coco(
     anns_by_image: dict[int, list[dict[str, Any]]] = {}
     for ann in data.get("annotations", []):
         anns_by_image.setdefault(ann["image_id"], []).append(ann)
+    stems = patch_stems([scene["file_name"] for scene in data["images"]])
 
     plans: list[list[_Patch]] = []
     for scene in tqdm(data["images"], desc="clip", disable=not progress):
@@ -202,7 +231,7 @@ def split_coco(
         if max_instances_per_image is not None:
             for p in patches:
                 if len(p.anns) > max_instances_per_image:
-                    report.add("patch over max_instances", f"{_patch_name(scene['file_name'], p.window)}: {len(p.anns)}")
+                    report.add("patch over max_instances", f"{_patch_name(scene['file_name'], p.window, stems)}: {len(p.anns)}")
             patches = [p for p in patches if len(p.anns) <= max_instances_per_image]
         plans.append(patches)
 
@@ -211,7 +240,7 @@ def split_coco(
         keep = set(random.Random(seed).sample(empty, int(math.floor(max_empty_fraction * len(empty)))))
         for i, j in empty:
             if (i, j) not in keep:
-                report.add("empty patch dropped", _patch_name(plans[i][j].scene["file_name"], plans[i][j].window))
+                report.add("empty patch dropped", _patch_name(plans[i][j].scene["file_name"], plans[i][j].window, stems))
         plans = [[p for j, p in enumerate(ps) if p.anns or (i, j) in keep] for i, ps in enumerate(plans)]
 
     out_images = out_dir / "images"
@@ -221,12 +250,12 @@ def split_coco(
         if not patches:
             continue
         scene = patches[0].scene
-        _write_scene_patches(images_dir / scene["file_name"], patches, out_images)
+        _write_scene_patches(images_dir / scene["file_name"], patches, out_images, stems)
         for p in patches:
             y1, y2, x1, x2 = p.window
             image_id = len(images) + 1
             images.append({
-                "id": image_id, "file_name": _patch_name(scene["file_name"], p.window),
+                "id": image_id, "file_name": _patch_name(scene["file_name"], p.window, stems),
                 "height": y2 - y1, "width": x2 - x1,
                 "scene_file": scene["file_name"], "scene_id": scene["id"], "offset": [x1, y1],
             })

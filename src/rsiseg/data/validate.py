@@ -20,7 +20,7 @@ import shapely
 from PIL import Image
 from tqdm import tqdm
 
-from rsiseg.data.coco_index import BOX_TOLERANCE_PX, read_coco_json
+from rsiseg.data.coco_index import BOX_TOLERANCE_PX, FAR_OUTSIDE, NON_FINITE, DataError, number_problem, read_coco_json
 from rsiseg.data.io import TIFF_SUFFIXES, image_size
 from rsiseg.structures import rle_to_xywh, segmentation_to_rle
 
@@ -32,9 +32,12 @@ MIN_BOX_MASK_IOU = 0.7  # below this the box and the mask most likely describe d
 # (pycocotools rasterises self-intersecting polygons; the box-mask mismatch only biases the box
 # loss), errors are things that make load_coco_index fail or that silently lose data.
 KINDS: dict[str, str] = {
+    "no images": ERROR,
     "duplicate category id": ERROR,
+    "malformed category entry": ERROR,
     "malformed image entry": ERROR,
     "duplicate image id": ERROR,
+    "duplicate file_name": ERROR,
     "missing image file": ERROR,
     "unreadable image": ERROR,
     "image size mismatch": ERROR,
@@ -42,7 +45,10 @@ KINDS: dict[str, str] = {
     "duplicate annotation id": ERROR,
     "unknown image id": ERROR,
     "unknown category id": ERROR,
+    NON_FINITE: ERROR,
+    FAR_OUTSIDE: ERROR,
     "bad segmentation": ERROR,
+    "bad iscrowd": ERROR,
     "malformed polygon": ERROR,
     "polygon with < 3 points": ERROR,
     "zero-area polygon": ERROR,
@@ -55,9 +61,10 @@ KINDS: dict[str, str] = {
     "box inconsistent with mask": WARNING,
 }
 # Kinds --fix cannot repair: they need a person (which duplicate image is right? which size?).
-UNFIXABLE = frozenset({"duplicate category id", "malformed image entry", "duplicate image id", "image size mismatch"})
+UNFIXABLE = frozenset({"no images", "duplicate category id", "malformed category entry", "malformed image entry", "duplicate image id",
+                       "duplicate file_name", "image size mismatch"})
 _DROP_KINDS = frozenset({"unknown image id", "unknown category id", "bad segmentation", "RLE size mismatch",
-                         "zero-area box", "box outside image"})
+                         "zero-area box", "box outside image", NON_FINITE, FAR_OUTSIDE, "bad iscrowd"})
 _POLYGON_KINDS = frozenset({"malformed polygon", "polygon with < 3 points", "zero-area polygon"})
 
 
@@ -135,10 +142,15 @@ def validate_coco(ann_file: str | Path, images_dir: str | Path, check_images: bo
         progress: show a progress bar over the images.
 
     Raises:
-        DataError: when the file is not a COCO object at all (unreadable, no images/annotations/categories).
+        DataError: when the file is not a COCO object at all (unreadable, no images/annotations/categories),
+            or ``check_images`` and ``images_dir`` is not a folder.
     """
     raw = read_coco_json(Path(ann_file))
+    if check_images and not Path(images_dir).is_dir():
+        raise DataError(f"{images_dir}: image folder (--images) does not exist or is not a folder")
     report = ValidationReport(str(ann_file), len(raw["images"]), len(raw["annotations"]), len(raw["categories"]))
+    if not raw["images"]:
+        report.add("no images", f"{ann_file}: field 'images' is empty, so there is nothing to train or evaluate on")
     category_ids = _check_categories(raw["categories"], report)
     images = _check_image_entries(raw["images"], report)
     if check_images:
@@ -153,7 +165,7 @@ def validate_coco(ann_file: str | Path, images_dir: str | Path, check_images: bo
         if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
             report.add("malformed annotation", f"annotations[{i}]: no integer 'id'")
             continue
-        img = images.get(ann.get("image_id"))
+        img = images.get(_int(ann.get("image_id")))
         where = f"annotation id {ann['id']} (image {img['file_name'] if img else repr(ann.get('image_id'))})"
         if ann["id"] in seen:
             report.add("duplicate annotation id", where)
@@ -167,11 +179,15 @@ def annotation_problems(ann: dict[str, Any], img: dict[str, Any] | None,
                         category_ids: set[int]) -> list[tuple[str, str]]:
     """All ``(kind, detail)`` problems of one annotation; ``img`` is None for an unknown image id."""
     problems: list[tuple[str, str]] = []
-    if ann.get("category_id") not in category_ids:
+    if _int(ann.get("category_id")) not in category_ids:
         problems.append(("unknown category id", f"category_id {ann.get('category_id')!r}"))
     if img is None:
         return problems + [("unknown image id", f"image_id {ann.get('image_id')!r}")]
     H, W = img["height"], img["width"]
+    if (numbers := number_problem(ann, W, H)) is not None:
+        return problems + [numbers]  # nothing below may rasterise a NaN or a coordinate at 1e12
+    if ann.get("iscrowd", 0) not in (0, 1):
+        problems.append(("bad iscrowd", f"field 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}"))
     segm = ann.get("segmentation")
     if isinstance(segm, list):
         problems += [p for poly in segm if (p := polygon_problem(poly))]
@@ -261,19 +277,19 @@ def fix_coco(ann_file: str | Path, unusable_images: Iterable[int] = ()) -> tuple
     actions: Counter = Counter()
     unusable = set(unusable_images)
     if unusable:
-        actions["dropped unusable image"] = sum(1 for img in raw["images"] if img.get("id") in unusable)
-        raw["images"] = [img for img in raw["images"] if img.get("id") not in unusable]
-    category_ids = {c["id"] for c in raw["categories"] if isinstance(c, dict)}
+        actions["dropped unusable image"] = sum(1 for img in raw["images"] if _id_of(img) in unusable)
+        raw["images"] = [img for img in raw["images"] if _id_of(img) not in unusable]
+    category_ids = _check_categories(raw["categories"], ValidationReport(str(ann_file)))
     images = _check_image_entries(raw["images"], ValidationReport(str(ann_file)))
     kept: list[dict[str, Any]] = []
     for ann in raw["annotations"]:
         if not isinstance(ann, dict):
             actions["dropped malformed annotation"] += 1
             continue
-        if ann.get("image_id") in unusable:
+        if _int(ann.get("image_id")) in unusable:
             actions["dropped annotation of unusable image"] += 1
             continue
-        fixed = _fix_annotation(ann, images.get(ann.get("image_id")), category_ids, actions)
+        fixed = _fix_annotation(ann, images.get(_int(ann.get("image_id"))), category_ids, actions)
         if fixed is not None:
             kept.append(fixed)
     seen: set[int] = set()
@@ -320,25 +336,47 @@ def _fix_annotation(ann: dict[str, Any], img: dict[str, Any] | None, category_id
     return ann
 
 
+def _int(value: Any) -> int | None:
+    """``value`` when it is an int (not a bool), else None: ids from a JSON may be any type, even unhashable."""
+    return value if type(value) is int else None
+
+
+def _id_of(entry: Any) -> int | None:
+    return _int(entry.get("id")) if isinstance(entry, dict) else None
+
+
 def _check_categories(categories: list[Any], report: ValidationReport) -> set[int]:
-    ids = [c.get("id") for c in categories if isinstance(c, dict)]
+    ids = []
+    for i, cat in enumerate(categories):
+        if isinstance(cat, dict) and type(cat.get("id")) is int and isinstance(cat.get("name"), str):
+            ids.append(cat["id"])
+        else:
+            report.add("malformed category entry", f"categories[{i}] needs an integer 'id' and a string 'name'")
     for cid, n in Counter(ids).items():
         if n > 1:
             report.add("duplicate category id", f"category id {cid!r} appears {n} times")
-    return {i for i in ids if isinstance(i, int)}
+    return set(ids)
 
 
 def _check_image_entries(entries: list[Any], report: ValidationReport) -> dict[int, dict[str, Any]]:
     """Image id -> entry for well-formed entries; the first one wins for duplicate ids."""
     images: dict[int, dict[str, Any]] = {}
+    by_name: dict[str, int] = {}
     for i, img in enumerate(entries):
         fields = (("id", int), ("file_name", str), ("height", int), ("width", int))
         if not isinstance(img, dict) or not all(isinstance(img.get(k), t) for k, t in fields):
             report.add("malformed image entry", f"images[{i}] needs integer id/height/width and a file_name")
+        elif img["height"] <= 0 or img["width"] <= 0:
+            report.add("malformed image entry", f"images[{i}] ({img['file_name']}): size {img['width']}x"
+                                                f"{img['height']}; fields 'width' and 'height' must be > 0")
         elif img["id"] in images:
             report.add("duplicate image id", f"image id {img['id']} ({img['file_name']} and "
                                              f"{images[img['id']]['file_name']})")
         else:
+            if img["file_name"] in by_name:
+                report.add("duplicate file_name", f"images[{i}] (id {img['id']}) repeats file_name "
+                                                  f"{img['file_name']!r} of image id {by_name[img['file_name']]}")
+            by_name.setdefault(img["file_name"], img["id"])
             images[img["id"]] = img
     return images
 

@@ -1,9 +1,10 @@
 """Readable overlays of instance predictions on any-band remote-sensing imagery.
 
-``to_display_rgb`` turns a 1-band (SAR), 3-band (RGB) or N-band image into displayable
-RGB; ``draw_instances`` blends masks in class colours, outlines them and their boxes, labels
-each instance with ``"name score"`` and adds a legend (top-right) of the classes present with
-their counts. Sizes of text and lines follow the image size, so a 128 px patch and a 4000 px
+``to_display_rgb`` (from :mod:`rsiseg.inference.display`) turns a 1-band (SAR), 3-band (RGB)
+or N-band image into displayable RGB; ``draw_instances`` blends masks in class colours, outlines
+them and their boxes, labels each instance with ``"name score"``, adds a legend (top-right) of
+the classes present with their counts and, when the score threshold hid detections, a note
+(bottom-left) saying how many, so that a blank overlay is never unexplained. Sizes of text and lines follow the image size, so a 128 px patch and a 4000 px
 scene both read well. Masks come either as box-relative ``roi_masks``, pasted one box window
 at a time (:mod:`rsiseg.inference.paste`) so that a dense scene never needs ``[N, H, W]``, or as
 full-size ``masks``. Per-pixel work is vectorised (numpy/torch) within each instance's window;
@@ -23,16 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rsiseg.inference.display import to_display_rgb
 from rsiseg.inference.paste import Window, iter_windows
 
-# An image whose 2-98 percentile span is below this is "dark or low-contrast" and gets
-# stretched; linear SAR and 12-bit data scaled as uint16 typically span only a few percent.
-_LOW_CONTRAST_SPAN = 0.5
-# Percentiles are estimated on at most about this many pixels: np.percentile sorts, and a
-# full 4000 x 4000 x 3 scene would take seconds for no visible difference.
-_STRETCH_SAMPLES = 250_000
-# Beyond 16 entries an axis is taken to be spatial, not bands.
-_MAX_BANDS = 16
+__all__ = ["class_colors", "draw_instances", "save_overlay", "to_display_rgb"]
+
 # Tags stop once they cover this fraction of the image: in dense scenes (hundreds of
 # instances) the best-scoring ones keep their tags and the scene itself stays visible.
 _TAG_AREA_BUDGET = 0.2
@@ -47,32 +43,6 @@ _PALETTE = [
     (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 ]  # fmt: skip
-
-
-def to_display_rgb(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Convert an image of any band count to RGB for display.
-
-    Band choice: 1 band -> grey; 2 bands (e.g. SAR VV/VH) -> the first band as grey;
-    3 -> as is; more than 3 -> the first three. A per-band 2-98 percentile stretch is applied
-    only when the image is dark or low-contrast (2-98 percentile span below 0.5) or outside
-    [0, 1], so ordinary RGB keeps its colours and linear SAR stops looking black.
-
-    Args:
-        image: a torch tensor ``C x H x W`` (or ``H x W``), float in [0, 1] or integer;
-            or a numpy array: integer ``H x W x C`` (e.g. uint8, uint16), float ``C x H x W``,
-            or ``H x W``. Integers are scaled by their dtype's maximum. When the assumed band
-            axis has more than 16 entries and the other end has at most 16, the other is used.
-
-    Returns:
-        ``uint8[H, W, 3]``.
-    """
-    bands = _as_hwc_float(image)
-    shown = bands[..., :1] if bands.shape[2] < 3 else bands[..., :3]
-    if _needs_stretch(shown):
-        shown = _percentile_stretch(shown)
-    rgb = np.clip(shown, 0.0, 1.0) * 255.0 + 0.5
-    rgb = rgb.astype(np.uint8)
-    return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else np.ascontiguousarray(rgb)
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
@@ -99,6 +69,7 @@ def draw_instances(
     show_legend: bool = True,
     *,
     alpha: float = 0.45,
+    note_hidden: bool = True,
 ) -> np.ndarray:
     """Draw instance predictions (or ground truth) over an image.
 
@@ -107,6 +78,8 @@ def draw_instances(
     skipped when they would cover another tag or the legend, or when the box is smaller than
     about 12 px (or the font height on large images), so dense scenes stay readable. The
     legend sits in the top-right corner and lists the classes present with colour and count.
+    When ``score_threshold`` hid detections, a note in the bottom-left corner, in the legend's
+    font, says how many (``"12 below score 0.3"``), so that an empty overlay explains itself.
 
     Args:
         image_rgb: ``uint8[H, W, 3]``; any other image is first passed to :func:`to_display_rgb`.
@@ -122,6 +95,7 @@ def draw_instances(
             ``roi_masks``: pixels outside a box are background).
         show_legend: draw the legend.
         alpha: opacity of the mask fill.
+        note_hidden: write the note on detections hidden by ``score_threshold``.
 
     Returns:
         A new ``uint8[H, W, 3]`` image; the input is not modified.
@@ -132,7 +106,7 @@ def draw_instances(
     """
     image = _as_display_image(image_rgb)
     height, width = image.shape[:2]
-    boxes, labels, scores, order = _select_instances(pred, score_threshold)
+    boxes, labels, scores, order, hidden = _select_instances(pred, score_threshold)
     palette = class_colors(max([len(class_names), *labels.tolist()]))
     colors = np.array([palette[lab - 1] if lab >= 1 else (128, 128, 128) for lab in labels], np.uint8).reshape(-1, 3)
 
@@ -150,7 +124,9 @@ def draw_instances(
     occupied = np.zeros((height, width), dtype=bool)
     if show_legend and len(labels):
         _draw_legend(canvas, labels, class_names, palette, style, occupied)
-        draw = ImageDraw.Draw(canvas)
+    if note_hidden and hidden:
+        _draw_note(canvas, f"{hidden} below score {score_threshold:.3g}", style, occupied)
+    draw = ImageDraw.Draw(canvas)
     names = [_class_name(lab, class_names) for lab in labels.tolist()]
     tag_area, budget = 0, _TAG_AREA_BUDGET * height * width
     for i in reversed(range(len(labels))):  # best score first: those tags win the space
@@ -175,56 +151,6 @@ def save_overlay(
     Image.fromarray(overlay).save(path, format="PNG")
 
 
-# --------------------------------------------------------------------------- display
-
-
-def _as_hwc_float(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Any supported image -> ``float32[H, W, C]`` (values not yet clipped)."""
-    channels_last = False
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    else:
-        image = np.asarray(image)
-        channels_last = image.dtype.kind in "ui"
-    if image.ndim == 2:
-        image = image[..., None]
-        channels_last = True
-    if image.ndim != 3:
-        raise ValueError(f"expected an image of 2 or 3 dims, got shape {image.shape}")
-    band_axis, other_axis = (2, 0) if channels_last else (0, 2)
-    if image.shape[band_axis] > _MAX_BANDS >= image.shape[other_axis]:
-        channels_last = not channels_last
-    if not channels_last:
-        image = image.transpose(1, 2, 0)
-    if image.dtype.kind in "ui":
-        return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
-    if image.dtype == bool:
-        return image.astype(np.float32)
-    return np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-
-
-def _subsample(image: np.ndarray) -> np.ndarray:
-    """A strided ``[M, C]`` sample of the pixels, M at most about ``_STRETCH_SAMPLES``."""
-    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / _STRETCH_SAMPLES)))
-    return image[::step, ::step].reshape(-1, image.shape[2])
-
-
-def _needs_stretch(image: np.ndarray) -> bool:
-    sample = _subsample(image)
-    lo, hi = np.percentile(sample, [2, 98])
-    return bool(hi - lo < _LOW_CONTRAST_SPAN or sample.min() < 0.0 or sample.max() > 1.0)
-
-
-def _percentile_stretch(image: np.ndarray) -> np.ndarray:
-    """Map each band's 2nd..98th percentile to [0, 1]; constant bands are left as they are."""
-    lo, hi = np.percentile(_subsample(image), [2, 98], axis=0)  # [C] each
-    span = hi - lo
-    flat = span <= 1e-6
-    scale = np.where(flat, 1.0, 1.0 / np.where(flat, 1.0, span))
-    offset = np.where(flat, 0.0, lo)
-    return (image - offset.astype(np.float32)) * scale.astype(np.float32)
-
-
 def _as_display_image(image: np.ndarray) -> np.ndarray:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return image
@@ -236,11 +162,12 @@ def _as_display_image(image: np.ndarray) -> np.ndarray:
 
 def _select_instances(
     pred: Mapping[str, torch.Tensor | np.ndarray], score_threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int]:
     """Kept instances in drawing order (ascending score, so the best ends on top).
 
     Returns ``boxes float64[M, 4]``, ``labels int64[M]``, ``scores float64[M]`` or None (all
-    kept, in drawing order), and ``order int64[M]``: the original index of each kept instance.
+    kept, in drawing order), ``order int64[M]``: the original index of each kept instance, and
+    the number of instances hidden by the threshold (``N - M``).
     Masks are only checked for length here; :func:`_mask_windows` reads them.
     """
     labels = _to_numpy(pred["labels"]).astype(np.int64).reshape(-1)
@@ -258,7 +185,7 @@ def _select_instances(
     else:
         order = np.nonzero(scores >= score_threshold)[0]
         order = order[np.argsort(scores[order], kind="stable")]
-    return boxes[order], labels[order], None if scores is None else scores[order], order
+    return boxes[order], labels[order], None if scores is None else scores[order], order, n - len(order)
 
 
 def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -455,12 +382,7 @@ def _draw_legend(
     x0 = max(0, canvas.width - panel_w - margin)
     y0 = min(margin, max(0, canvas.height - panel_h))
 
-    # Dim the panel area (vectorised) rather than paint it opaque, so the scene stays visible.
-    pixels = np.asarray(canvas).copy()
-    pixels[y0 : y0 + panel_h, x0 : x0 + panel_w] = (pixels[y0 : y0 + panel_h, x0 : x0 + panel_w] * 0.3).astype(np.uint8)
-    canvas.paste(Image.fromarray(pixels))
-    occupied[y0 : y0 + panel_h, x0 : x0 + panel_w] = True
-
+    _dim_panel(canvas, x0, y0, panel_w, panel_h, occupied)
     draw = ImageDraw.Draw(canvas)
     for i, (text, color) in enumerate(zip(texts, colors)):
         y = y0 + pad + i * line_h
@@ -470,3 +392,24 @@ def _draw_legend(
                            outline=(255, 255, 255))  # fmt: skip
             text_x += swatch + 2 * pad
         draw.text((text_x, y + pad), text, font=font, fill=(255, 255, 255), anchor="lt")
+
+
+def _draw_note(canvas: Image.Image, text: str, style: _Style, occupied: np.ndarray) -> None:
+    """One line of white ``text`` on a dimmed panel in the bottom-left corner, in the legend's font."""
+    draw = ImageDraw.Draw(canvas)
+    pad = style.pad
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=style.font, anchor="lt")
+    panel_w = min(canvas.width, right - left + 4 * pad)
+    panel_h = min(canvas.height, bottom - top + 4 * pad)
+    x0 = min(2 * pad, max(0, canvas.width - panel_w))
+    y0 = max(0, canvas.height - panel_h - 2 * pad)
+    _dim_panel(canvas, x0, y0, panel_w, panel_h, occupied)
+    ImageDraw.Draw(canvas).text((x0 + 2 * pad, y0 + 2 * pad), text, font=style.font, fill=(255, 255, 255), anchor="lt")
+
+
+def _dim_panel(canvas: Image.Image, x0: int, y0: int, width: int, height: int, occupied: np.ndarray) -> None:
+    """Darken a panel (vectorised) rather than paint it opaque, so the scene stays visible; mark it occupied."""
+    pixels = np.asarray(canvas).copy()
+    pixels[y0 : y0 + height, x0 : x0 + width] = (pixels[y0 : y0 + height, x0 : x0 + width] * 0.3).astype(np.uint8)
+    canvas.paste(Image.fromarray(pixels))
+    occupied[y0 : y0 + height, x0 : x0 + width] = True

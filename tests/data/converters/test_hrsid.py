@@ -19,13 +19,14 @@ def test_coco_release(tmp_path: Path) -> None:
     (tmp_path / "src" / "annotations" / "train2017.json").write_text(json.dumps(coco))
     (tmp_path / "src" / "annotations" / "test2017.json").write_text(json.dumps({**coco, "annotations": []}))
     summary = convert_hrsid(tmp_path / "src", tmp_path / "out")
-    assert summary == {"hrsid_instances_test2017.json": {"images": 1, "instances": 0},
+    assert summary["files"] == {"hrsid_instances_test2017.json": {"images": 1, "instances": 0},
                        "hrsid_instances_train2017.json": {"images": 1, "instances": 1}}
     written = json.loads((tmp_path / "out" / "annotations" / "hrsid_instances_train2017.json").read_text())
     assert written["annotations"] == coco["annotations"]
 
 
 def test_nothing_to_convert(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("nothing to convert")
     with pytest.raises(DataError, match="neither"):
         convert_hrsid(tmp_path, tmp_path / "out")
 

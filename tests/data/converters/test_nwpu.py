@@ -35,6 +35,7 @@ def test_seeded_split(tmp_path: Path) -> None:
 
 
 def test_missing_and_malformed_source(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no annotations here")
     with pytest.raises(DataError, match="no NWPU VHR-10 COCO JSON"):
         convert_nwpu(tmp_path, tmp_path / "out")
     (tmp_path / "x.json").write_text("{")

@@ -53,5 +53,6 @@ def test_convert_writes_masks_and_counts(tmp_path: Path) -> None:
 
 
 def test_no_labels_raises(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no labels here")
     with pytest.raises(DataError, match="no Potsdam label tiles"):
         convert_potsdam(tmp_path, tmp_path / "out")

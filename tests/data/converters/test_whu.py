@@ -74,5 +74,6 @@ def test_size_mismatch_names_the_file(tmp_path: Path) -> None:
 
 
 def test_no_split_raises(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no splits here")
     with pytest.raises(ValueError, match="no WHU split"):
         convert_whu(tmp_path, tmp_path / "out")

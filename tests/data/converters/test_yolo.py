@@ -31,8 +31,9 @@ def test_polygons_boxes_and_problems(tmp_path: Path) -> None:
     assert summary["splits"] == {"train": {"images": 1, "instances": 2}, "val": {"images": 1, "instances": 0}}
     assert summary["problems"] == {"box-only label (kept as rectangle)": 1,
                                    "polygon with < 3 points or odd coordinates (skipped)": 1,
-                                   "unknown class index (skipped) in a.txt": 1,
+                                   "unknown class index (skipped)": 1,
                                    "image without label file (kept, no instances)": 1}
+    assert "a.txt:4" in summary["problem_examples"]["unknown class index (skipped)"][0]
     coco = json.loads((tmp_path / "out/annotations/instances_train.json").read_text())
     tri, box = coco["annotations"]
     assert tri["segmentation"] == [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0]] and tri["area"] == 200.0
@@ -47,4 +48,4 @@ def test_numeric_names_sorted_as_strings_map_by_name() -> None:
     by_id = {c["id"]: c["name"] for c in categories}
     assert [by_id[label_to_cat[i]] for i in range(12)] == names  # index 2 is class "10", not "2"
     _, plain = categories_for(["plane", "ship"])
-    assert plain == [1, 2]
+    assert plain == {0: 1, 1: 2}

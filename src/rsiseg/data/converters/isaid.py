@@ -14,7 +14,6 @@ silently: every skipped instance, scene or contour is counted in the returned su
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from scipy import ndimage
 from shapely.geometry import LineString, Point, Polygon
 from tqdm import tqdm
 
+from rsiseg.data.converters.common import require_images, require_source_dir, write_outputs
 from rsiseg.structures import mask_to_rle, segmentation_to_mask
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ def convert_isaid(
         ``"contours < 3 points"`` counts polygon rings.
     """
     src, out = Path(src), Path(out)
+    require_source_dir(src, f"scenes as Pxxxx.png, Pxxxx{ID_SUFFIX} and Pxxxx{CLASS_SUFFIX}")
     skipped: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
     images, annotations, per_image, rle_count = [], [], {}, 0
@@ -253,10 +254,11 @@ def convert_isaid(
             })
         per_image[file_name] = kept
 
+    detail = f"{len(scenes)} *{ID_SUFFIX} files, skipped: {dict(skipped)}" if scenes else f"no *{ID_SUFFIX} file"
+    require_images(len(images), src, detail)
     categories = [{"id": i, "name": name, "supercategory": name} for i, (name, _) in enumerate(classes, 1)]
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     coco = {"images": images, "annotations": annotations, "categories": categories}
-    (out / "annotations" / "instances.json").write_text(json.dumps(coco))
+    write_outputs(out, {"annotations/instances.json": coco})
     return {
         "images": len(images), "instances": len(annotations), "rle_instances": rle_count,
         "skipped": {k: v for k, v in sorted(skipped.items()) if v}, "per_class": dict(sorted(per_class.items())),

@@ -1,21 +1,28 @@
 """NWPU VHR-10 (10 classes, 650 positive images) to COCO train/val files with a seeded 7:3 split.
 
-Layout read: the positive image set and its COCO JSON, found as ``SRC/annotations/*.json`` or
-``SRC/*.json`` (the public COCO conversion ships one file for all 650 images). Written:
-``OUT/annotations/nwpu_instances_{train,val}.json``. The split is a pure function of the seed
-and the image file names, so the same seed always gives the same split.
+Layout read: every COCO JSON in ``SRC/annotations`` (else ``SRC``), merged (see
+:mod:`rsiseg.data.converters.common`), or only the files given as ``ann``. The public COCO
+conversion ships one file for all 650 images. Written: ``OUT/annotations/nwpu_instances_{train,val}.json``
+with ``file_name`` as in the source JSON. The split is a pure function of the seed and the image
+file names, so the same seed always gives the same split.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rsiseg.data.coco_index import DataError, read_coco_json
-from rsiseg.data.converters.common import find_source_json, subset
+from rsiseg.data.converters.common import (
+    SourceReport,
+    read_sources,
+    require_images,
+    source_files,
+    subset,
+    write_splits,
+)
 
 
 def split_names(names: list[str], train_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -28,22 +35,28 @@ def split_names(names: list[str], train_fraction: float, seed: int) -> tuple[set
     return set(order[:cut]), set(order[cut:])
 
 
-def convert_nwpu(src: str | Path, out: str | Path, train_fraction: float = 0.7, seed: int = 0) -> dict[str, Any]:
+def convert_nwpu(src: str | Path, out: str | Path, train_fraction: float = 0.7, seed: int = 0, *,
+                 ann: Sequence[str | Path] | None = None, skip_invalid: bool = False) -> dict[str, Any]:
     """Write the seeded train/val split of NWPU VHR-10.
 
+    Args:
+        src: folder holding the COCO JSON(s).
+        out: output folder.
+        train_fraction: share of images in train.
+        seed: seed of the split.
+        ann: read only these COCO files instead of every JSON under ``src``.
+        skip_invalid: drop and count annotations with non-finite or absurd numbers instead of refusing.
+
     Returns:
-        ``{split: {"images": n, "instances": n}}``.
+        ``{split: {"images": n, "instances": n}, "read": {file: counts}, "skipped": {...}, ...}``.
+
+    Raises:
+        DataError: no source, no image, conflicting files or a bad annotation (naming the file).
     """
     src, out = Path(src), Path(out)
-    source = find_source_json(src, "*.json")
-    if source is None:
-        raise DataError(f"{src}: no NWPU VHR-10 COCO JSON found (looked for annotations/*.json and *.json)")
-    coco = read_coco_json(source)
+    report = SourceReport()
+    coco = read_sources(source_files(src, ann, "*.json", "NWPU VHR-10 COCO JSON"), report, skip_invalid=skip_invalid)
+    require_images(len(coco["images"]), src, "the COCO JSON lists no image")
     train, val = split_names([img["file_name"] for img in coco["images"]], train_fraction, seed)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for name, names in (("train", train), ("val", val)):
-        data = subset(coco, names)
-        (out / "annotations" / f"nwpu_instances_{name}.json").write_text(json.dumps(data))
-        summary[name] = {"images": len(data["images"]), "instances": len(data["annotations"])}
-    return summary
+    splits = {"train": subset(coco, train), "val": subset(coco, val)}
+    return write_splits(out, "nwpu_instances_{split}.json", splits, report)

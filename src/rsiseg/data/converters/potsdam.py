@@ -8,7 +8,8 @@ become :data:`IGNORE_INDEX` and are counted.
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 
 from rsiseg.data.coco_index import DataError
+from rsiseg.data.converters.common import require_source_dir, write_outputs
 
 POTSDAM_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
 POTSDAM_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
@@ -52,9 +54,10 @@ def convert_potsdam(src: str | Path, out: str | Path) -> dict[str, Any]:
         ``{"masks": n, "pixels": {class_name: count}, "undefined": count}``.
 
     Raises:
-        DataError: no label tile found, or one that is not 8-bit RGB.
+        DataError: no label tile found, or one that is not 8-bit RGB; nothing is left in ``out`` then.
     """
     src, out = Path(src), Path(out)
+    require_source_dir(src, "ISPRS Potsdam RGB label tiles (*label*.tif or *label*.png, any depth)")
     paths = sorted(p for p in src.rglob("*label*") if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES)
     if not paths:
         raise DataError(f"{src}: no Potsdam label tiles found (looked for *label*.tif|png)")
@@ -62,15 +65,34 @@ def convert_potsdam(src: str | Path, out: str | Path) -> dict[str, Any]:
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise DataError(f"{src}: label tiles share a stem, so their masks would overwrite each other: {clashes[:3]}")
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    staging = out / ".masks.partial"  # masks move to out/masks only once every tile converted
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        totals = _write_masks(paths, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    (out / "masks").mkdir(exist_ok=True)
+    for mask in sorted(staging.iterdir()):
+        os.replace(mask, out / "masks" / mask.name)
+    staging.rmdir()
+    classes = {"names": list(POTSDAM_CLASSES), "palette": [list(c) for c in POTSDAM_PALETTE],
+               "ignore_index": IGNORE_INDEX}
+    write_outputs(out, {"classes.json": classes})
+    return {"masks": len(paths), "pixels": {name: int(totals[i]) for i, name in enumerate(POTSDAM_CLASSES)},
+            "undefined": int(totals[IGNORE_INDEX])}
+
+
+def _write_masks(paths: list[Path], folder: Path) -> np.ndarray:
+    """Write ``folder/<stem>.png`` for every label tile; returns the pixel count per index (``int64[256]``)."""
     totals = np.zeros(256, dtype=np.int64)
     for path in paths:
         index = rgb_to_index(read_rgb(path))
         totals += np.bincount(index.ravel(), minlength=256)
-        if not cv2.imwrite(str(out / "masks" / f"{path.stem}.png"), index):
-            raise DataError(f"{out / 'masks' / (path.stem + '.png')}: could not be written")
-    classes = {"names": list(POTSDAM_CLASSES), "palette": [list(c) for c in POTSDAM_PALETTE],
-               "ignore_index": IGNORE_INDEX}
-    (out / "classes.json").write_text(json.dumps(classes, indent=2))
-    return {"masks": len(paths), "pixels": {name: int(totals[i]) for i, name in enumerate(POTSDAM_CLASSES)},
-            "undefined": int(totals[IGNORE_INDEX])}
+        if not cv2.imwrite(str(folder / f"{path.stem}.png"), index):
+            raise DataError(f"{folder / (path.stem + '.png')}: could not be written")
+    return totals

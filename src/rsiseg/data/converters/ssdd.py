@@ -5,21 +5,30 @@ The official split puts every image whose file number ends in 1 or 9 in the test
 from the images: it comes from the release's inshore list, given as a COCO JSON or a text
 file of image names; offshore is the rest of the test set.
 
-Layout read: ``SRC/annotations/*all*.json`` (or the only JSON in ``SRC/annotations`` or ``SRC``)
-and optionally a ``*inshore*.json`` beside it. Written: ``OUT/annotations/ssdd_instances_{train,
-test,test_inshore,test_offshore}.json``. Images are not copied; pass the SSDD image folder
-when training.
+Layout read: every COCO JSON in ``SRC/annotations`` (else ``SRC``), merged (the release's
+``*all*``, ``*train*`` and ``*test*`` files hold the same images; see
+:mod:`rsiseg.data.converters.common`), or only the files given as ``ann``; the inshore list is a
+``*inshore*.json`` among them or ``inshore``. Written: ``OUT/annotations/ssdd_instances_{train,
+test,test_inshore,test_offshore}.json`` with ``file_name`` as in the source (relative to the SSDD
+image folder). Images are not copied; pass the SSDD image folder when training.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rsiseg.data.coco_index import DataError, read_coco_json
-from rsiseg.data.converters.common import find_source_json, subset
+from rsiseg.data.converters.common import (
+    SourceReport,
+    read_sources,
+    require_images,
+    source_files,
+    subset,
+    write_splits,
+)
 
 TEST_DIGITS = {"1", "9"}
 
@@ -39,27 +48,37 @@ def is_official_test(file_name: str) -> bool:
 def read_name_list(path: Path) -> set[str]:
     """Image names from a COCO JSON's images or a text file with one name per line."""
     if path.suffix.lower() == ".json":
-        return {img["file_name"] for img in json.loads(path.read_text())["images"]}
+        return {img["file_name"] for img in read_coco_json(path)["images"]}
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
-def convert_ssdd(src: str | Path, out: str | Path, inshore: str | Path | None = None) -> dict[str, Any]:
+def convert_ssdd(src: str | Path, out: str | Path, inshore: str | Path | None = None, *,
+                 ann: Sequence[str | Path] | None = None, skip_invalid: bool = False) -> dict[str, Any]:
     """Write the official train/test split (and inshore/offshore test subsets) of SSDD.
 
+    Args:
+        src: folder holding the COCO JSON(s).
+        out: output folder.
+        inshore: inshore test images (COCO JSON or a text file of names); default: a
+            ``*inshore*.json`` among the sources.
+        ann: read only these COCO files instead of every JSON under ``src``.
+        skip_invalid: drop and count annotations with non-finite or absurd numbers instead of refusing.
+
     Returns:
-        ``{split: {"images": n, "instances": n}}`` for every file written.
+        ``{split: {"images": n, "instances": n}}`` for every file written, plus ``read`` and ``skipped``.
 
     Raises:
-        DataError: no source JSON, a malformed one, or an inshore image outside the test set.
+        DataError: no source JSON, a malformed or conflicting one, no image, a bad annotation, or
+            an inshore image outside the test set.
     """
     src, out = Path(src), Path(out)
-    all_json = find_source_json(src, "*all*.json") or find_source_json(src, "*.json")
-    if all_json is None:
-        raise DataError(f"{src}: no SSDD COCO JSON found (looked for annotations/*all*.json and *.json)")
-    coco = read_coco_json(all_json)
+    report = SourceReport()
+    paths = source_files(src, ann, "*.json", "SSDD COCO JSON")
+    coco = read_sources(paths, report, skip_invalid=skip_invalid)
+    require_images(len(coco["images"]), src, "the COCO JSON lists no image")
     test = {img["file_name"] for img in coco["images"] if is_official_test(img["file_name"])}
     splits = {"train": subset(coco, {img["file_name"] for img in coco["images"]} - test), "test": subset(coco, test)}
-    inshore_path = Path(inshore) if inshore else find_source_json(src, "*inshore*.json")
+    inshore_path = Path(inshore) if inshore else _inshore_file(paths)
     if inshore_path is not None:
         names = read_name_list(inshore_path)
         outside = sorted(names - test)
@@ -68,9 +87,12 @@ def convert_ssdd(src: str | Path, out: str | Path, inshore: str | Path | None = 
                             f"e.g. {outside[:3]}")
         splits["test_inshore"] = subset(coco, names)
         splits["test_offshore"] = subset(coco, test - names)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for name, data in splits.items():
-        (out / "annotations" / f"ssdd_instances_{name}.json").write_text(json.dumps(data))
-        summary[name] = {"images": len(data["images"]), "instances": len(data["annotations"])}
-    return summary
+    return write_splits(out, "ssdd_instances_{split}.json", splits, report)
+
+
+def _inshore_file(paths: list[Path]) -> Path | None:
+    """The one ``*inshore*`` file among the sources; several are ambiguous."""
+    found = [p for p in paths if "inshore" in p.name.lower()]
+    if len(found) > 1:
+        raise DataError(f"{found[0].parent}: several inshore files {[p.name for p in found]}; pass --inshore FILE")
+    return found[0] if found else None

@@ -9,7 +9,6 @@ RLE, so holes (courtyards) are exact. ``file_name`` is relative to ``SRC``; imag
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,13 @@ import cv2
 import numpy as np
 
 from rsiseg.data.coco_index import DataError
+from rsiseg.data.converters.common import require_images, require_source_dir, write_outputs
 from rsiseg.structures import mask_to_rle
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png"}
 CATEGORIES = [{"id": 1, "name": "building", "supercategory": "building"}]
+WHAT = "WHU building splits as {train,val,test}/image and {train,val,test}/label"
 
 
 def read_raster(path: Path) -> np.ndarray:
@@ -79,7 +80,7 @@ def convert_split(src: Path, split: str, min_area: int) -> tuple[dict[str, Any],
             continue
         label = read_raster(label_path)
         if label.shape[:2] != (height, width):
-            raise ValueError(f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from its image "
+            raise DataError(f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from its image "
                              f"{path.name} ({width}x{height})")
         if label.ndim == 3:
             label = label.max(axis=-1)
@@ -100,16 +101,18 @@ def convert_whu(src: str | Path, out: str | Path, min_area: int = 10) -> dict[st
 
     Raises:
         DataError: no ``{split}/image`` folder under ``src``, or an unreadable file.
-        ValueError: a label whose size differs from its image (the message names the label).
+        DataError: also for a label whose size differs from its image (the message names the label),
+            and when no split holds an image. Nothing is written then.
     """
     src, out = Path(src), Path(out)
-    splits = [s for s in SPLITS if (src / s / "image").is_dir()]
+    splits = [s for s in SPLITS if (require_source_dir(src, WHAT) / s / "image").is_dir()]
     if not splits:
         raise DataError(f"{src}: no WHU split found (looked for {{train,val,test}}/image)")
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for split in splits:
-        coco, counts = convert_split(src, split, min_area)
-        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        summary[split] = counts
-    return summary
+    converted = {split: convert_split(src, split, min_area) for split in splits}
+    require_images(sum(counts["images"] for _, counts in converted.values()), src,
+                   f"the {'/'.join(f'{s}/image' for s in splits)} folders hold no {'/'.join(sorted(IMAGE_SUFFIXES))}")
+    empty = [f"{s}/image" for s, (_, counts) in converted.items() if counts["images"] == 0]
+    write_outputs(out, {f"annotations/instances_{s}.json": coco for s, (coco, counts) in converted.items()
+                        if counts["images"]})
+    summary: dict[str, Any] = {s: counts for s, (_, counts) in converted.items() if counts["images"]}
+    return summary | ({"empty_splits": empty} if empty else {})
