@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -54,3 +55,15 @@ def remove_stale_temp_files(folder: str | Path) -> tuple[int, int]:
         path.unlink(missing_ok=True)
         count += 1
     return count, size
+
+
+def remove_path(path: str | Path) -> bool:
+    """Remove a file or a whole folder; False when there was nothing at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    else:
+        return False
+    return True

@@ -32,6 +32,7 @@ from rsiseg.data.io import (
     read_image,
     to_unit_float,
 )
+from rsiseg.fileio import remove_path
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
 from rsiseg.inference.predictor import LoadedModel, load_model, predict_images
@@ -292,10 +293,7 @@ def _publish(staging: Path, out: Path) -> None:
     """Replace the previous run's outputs in ``out`` by the staged ones, then remove ``staging``."""
     for name in OUTPUTS:
         old = out / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+        remove_path(old)
         if (staging / name).exists():
             os.replace(staging / name, old)
     staging.rmdir()

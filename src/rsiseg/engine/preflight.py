@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from rsiseg.config import ConfigError, EvalConfig, ExperimentConfig, ModelConfig, to_dict
 from rsiseg.engine.checkpoint import load_checkpoint
 from rsiseg.evaluation.coco import PRESETS, stat_names
-from rsiseg.fileio import remove_stale_temp_files
+from rsiseg.fileio import remove_path, remove_stale_temp_files
 from rsiseg.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -158,13 +157,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if overwrite:
         removed = []
         for name in RUN_FILES:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            else:
-                continue
-            removed.append(name)
+            if remove_path(run_dir / name):
+                removed.append(name)
         if removed:
             log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
