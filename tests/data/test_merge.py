@@ -124,3 +124,21 @@ def test_round_trip_isaid_samples(tmp_path: Path) -> None:
           f"min IoU {min(best):.4f}, merged {len(results)}, stats {stats}")
     assert min(best) >= 0.9
     assert hits == [1] * len(best)  # exactly one merged instance per original
+
+
+def test_merge_command_refuses_non_finite_predictions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rsiseg.cli import main
+
+    patches = tmp_path / "patches.json"
+    patches.write_text(json.dumps({"images": [{"id": 1, "file_name": "p.png", "height": 8, "width": 8,
+                                               "scene_id": 5, "scene_file": "s.png", "offset": [0, 0]}],
+                                   "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    predictions = tmp_path / "preds.json"
+    predictions.write_text('[{"image_id": 1, "category_id": 1, "score": 0.9, "bbox": [0, 0, NaN, 2],'
+                           ' "segmentation": [[0, 0, 4, 0, 4, 4]]}]')
+    out = tmp_path / "out"
+    assert main(["-q", "data", "merge", "--patches", str(patches), "--predictions", str(predictions),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "preds.json" in err and "result #0" in err and "non-finite" in err
+    assert not out.exists()

@@ -26,19 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge the predictions, write the two JSON files and print a summary."""
-    from rsiseg.data.merge import merge_predictions  # deferred: keeps `rsiseg --help` light
+    # Deferred imports keep `rsiseg --help` light.
+    from rsiseg.data.coco_index import read_coco_json
+    from rsiseg.data.merge import merge_predictions
+    from rsiseg.fileio import atomic_write
+    from rsiseg.inference.export import read_coco_results
 
-    patches = json.loads(Path(args.patches).read_text())
-    predictions = json.loads(Path(args.predictions).read_text())
-    if isinstance(predictions, dict):  # a COCO file with an "annotations" list is accepted too
-        predictions = predictions.get("annotations", [])
-    scenes = json.loads(Path(args.scenes).read_text())["images"] if args.scenes else None
+    patches = read_coco_json(Path(args.patches))
+    # A COCO file with an "annotations" list is accepted too; non-finite numbers are refused by name.
+    predictions = read_coco_results(args.predictions, allow_dataset=True)
+    scenes = read_coco_json(Path(args.scenes))["images"] if args.scenes else None
     stats: dict[str, int] = {}
     results, images = merge_predictions(predictions, patches, iou_threshold=args.iou, ios_threshold=args.ios,
                                         border_px=args.border_px, scene_images=scenes, stats=stats)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scene_predictions.json").write_text(json.dumps(results))
-    (out / "scene_images.json").write_text(json.dumps(images))
+    for name, data in (("scene_predictions.json", results), ("scene_images.json", images)):
+        atomic_write(out / name, lambda handle, data=data: json.dump(data, handle))
     print(json.dumps({"scenes": len(images), **stats, "out_dir": str(out)}, indent=2))
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate ``args.data``; returns 1 when there are errors (warnings alone give 0), 2 for unreadable JSON."""
     from rsiseg.data.coco_index import DataError
     from rsiseg.data.validate import UNFIXABLE, fix_coco, validate_coco
+    from rsiseg.fileio import atomic_write
 
     quiet = getattr(args, "quiet", False)
     try:
@@ -29,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+        atomic_write(args.report, lambda handle: json.dump(report.to_dict(), handle, indent=2))
         print(f"wrote {args.report}")
     if args.fix:
         fixed, actions = fix_coco(args.data, report.unusable_images)
-        Path(args.fix).write_text(json.dumps(fixed))
+        atomic_write(args.fix, lambda handle: json.dump(fixed, handle))
         print(f"wrote {args.fix}: {sum(actions.values())} changes")
         for action, n in actions.most_common():
             print(f"  {n:6d}  {action}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.engine.checkpoint import load_checkpoint
 from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table, write_metrics
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
-from rsiseg.inference.export import write_coco_results
+from rsiseg.inference.export import read_coco_results, write_coco_results
 from rsiseg.inference.predictor import evaluate_model, model_from_state, stored_config
 
 
@@ -51,7 +50,7 @@ def _score_predictions(args: argparse.Namespace) -> int:
     """Score a COCO results file (from ``data merge``, ``predict`` or any tool) against ``--data``."""
     if not args.data:
         raise ValueError("--predictions needs the ground truth: --data GT.json")
-    results = _read_results(Path(args.predictions))
+    results = read_coco_results(args.predictions)
     with_masks = sum("segmentation" in r for r in results)
     if 0 < with_masks < len(results):
         raise ValueError(f"{args.predictions}: {with_masks} of {len(results)} results have a 'segmentation'; "
@@ -68,21 +67,6 @@ def _score_predictions(args: argparse.Namespace) -> int:
     if iou_types == ("bbox",):
         print("the results have no masks: bbox only")
     return 0
-
-
-def _read_results(path: Path) -> list[dict[str, Any]]:
-    """A COCO results list, refusing anything that is not one before it reaches the evaluator."""
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path}")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if isinstance(results, dict) and "annotations" in results:
-        raise ValueError(f"{path}: this is a COCO dataset file, not a results list; pass it as --data")
-    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-        raise ValueError(f"{path}: a COCO results file is a JSON list of objects")
-    return results
 
 
 def _eval_settings(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:

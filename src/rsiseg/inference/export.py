@@ -19,6 +19,7 @@ Without either mask field the prediction is box-only.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,41 @@ def write_coco_results(results: list[dict[str, Any]], path: str | Path) -> Path:
         The destination path.
     """
     return atomic_write(path, lambda handle: json.dump(results, handle))
+
+
+def read_coco_results(path: str | Path, *, allow_dataset: bool = False) -> list[dict[str, Any]]:
+    """Read a COCO results list, refusing what would crash or mislead the tools that consume it.
+
+    Args:
+        path: a JSON list of result objects.
+        allow_dataset: also accept a COCO dataset file and return its ``annotations`` (``data merge``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, not a list of objects, or a result whose ``score``, ``bbox`` or polygon
+            holds a non-finite or non-numeric value; the message names the file and the result index.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(results, dict) and "annotations" in results:
+        if not allow_dataset:
+            raise ValueError(f"{path}: this is a COCO dataset file, not a results list; pass it as --data")
+        results = results["annotations"]
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ValueError(f"{path}: a COCO results file is a JSON list of objects")
+    for i, result in enumerate(results):
+        segm = result.get("segmentation")
+        polygons = [v for poly in segm for v in poly] if isinstance(segm, list) and all(
+            isinstance(p, list) for p in segm) else []
+        values = [result.get("score", 0.0), *(result.get("bbox") or []), *polygons]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{path}: result #{i} has a non-finite or non-numeric score, bbox or polygon value")
+    return results
 
 
 def _check_fields(pred: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
