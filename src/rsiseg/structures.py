@@ -171,3 +171,28 @@ def window_to_rle(local: np.ndarray, x0: int, y0: int, height: int, width: int) 
     height, width = int(height), int(width)
     rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_problem(segm: dict[str, Any], height: int, width: int) -> str | None:
+    """What is wrong with an RLE segmentation for an ``H x W`` image, or None when it is usable.
+
+    Checked before pycocotools sees it (it crashes or overflows on malformed counts): ``size`` is
+    ``[H, W]``; ``counts`` is a string or a list of non-negative integers; the runs cover exactly
+    ``H * W`` pixels.
+    """
+    size = segm.get("size")
+    if not isinstance(size, list) or [v for v in size if type(v) is int] != [height, width]:
+        return f"RLE size {size!r} is not the image size [{height}, {width}]"
+    counts = segm.get("counts")
+    if isinstance(counts, list):
+        if not all(type(v) is int and 0 <= v < 2**32 for v in counts):
+            return "RLE counts must be non-negative integers below 2**32"
+    elif not isinstance(counts, (str, bytes)):
+        return f"RLE counts of type {type(counts).__name__} (want a string or a list of integers)"
+    try:
+        runs = rle_counts(segm)
+    except (UnicodeError, ValueError, OverflowError) as err:
+        return f"RLE counts cannot be decoded ({err})"
+    if (runs < 0).any() or int(runs.sum()) != height * width:
+        return f"RLE runs cover {int(runs.sum())} pixels, not {height} x {width} = {height * width}"
+    return None

@@ -45,7 +45,7 @@ def write_broken(root: Path, unfixable: bool = True) -> tuple[Path, Path]:
         _ann(6, segmentation=[[0, 0, 5, 5, 9]], bbox=[0, 0, 5, 5]),            # malformed (odd length)
         _ann(7, segmentation=[[0, 0, 5, 5, 10, 10]], bbox=[0, 0, 10, 10]),     # zero area
         _ann(8, segmentation=[[0, 0, 20, 0, 0, 10, 10, 10]], bbox=[0, 0, 20, 10]),  # self-intersection
-        _ann(9, segmentation=wrong_rle),                                       # RLE size mismatch
+        _ann(9, segmentation=wrong_rle),                                       # RLE size mismatch (a bad RLE)
         _ann(10, bbox=[10, 10, 0, 5]),                                         # zero-area box
         _ann(11, segmentation=[[50, 10, 66, 10, 66, 20, 50, 20]], bbox=[50, 10, 16, 10]),  # beyond border
         _ann(12, bbox=[30, 30, 10, 10]),                                       # box far from its mask
@@ -103,7 +103,7 @@ def test_fix_repairs_everything_fixable(tmp_path: Path, capsys: pytest.CaptureFi
         "dropped unusable image": 2, "dropped annotation of unusable image": 1,
         "dropped annotation: unknown category id": 1, "dropped annotation: unknown image id": 1,
         "removed degenerate polygon": 3, "dropped annotation: no valid polygon left": 3,
-        "dropped annotation: RLE size mismatch": 1, "dropped annotation: zero-area box": 1,
+        "dropped annotation: bad RLE": 1, "dropped annotation: zero-area box": 1,
         "dropped annotation: box outside image": 1, "clipped box to image": 1,
         "recomputed bbox from mask": 2, "renumbered annotation id": 1,
     }

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsiseg.structures import rle_area, segmentation_to_rle
+from rsiseg.data.io import MAX_PIXELS_ENV, pixel_limit
+from rsiseg.structures import rle_area, rle_problem, segmentation_to_rle
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class _Checker:
 
     def images(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
         seen: set[int] = set()
+        limit = pixel_limit()
         for i, img in enumerate(raw["images"]):
             if not isinstance(img, dict):
                 raise DataError(f"{self.ann_file}: images[{i}] is not an object")
@@ -211,6 +213,10 @@ class _Checker:
             if img["height"] <= 0 or img["width"] <= 0:
                 raise DataError(f"{self.ann_file}: images[{i}] ({img['file_name']}) has size "
                                 f"{img['width']}x{img['height']}; fields 'width' and 'height' must be > 0")
+            if img["height"] * img["width"] > limit:  # the rasteriser would try to fill it
+                raise DataError(f"{self.ann_file}: images[{i}] ({img['file_name']}) claims "
+                                f"{img['width']}x{img['height']} pixels, over the limit of {limit}; raise it with "
+                                f"the environment variable {MAX_PIXELS_ENV}=N if the file is right")
             if img["id"] in seen:
                 raise DataError(f"{self.ann_file}: duplicate image id {img['id']} ({img['file_name']})")
             seen.add(img["id"])
@@ -260,8 +266,9 @@ class _Checker:
             if segm is None:
                 return None
         elif isinstance(segm, dict):
-            if list(segm.get("size", [])) != [img["height"], img["width"]]:
-                self.fail("RLE size mismatch", where, f"RLE size {segm.get('size')} != image [{img['height']}, {img['width']}]")
+            problem = rle_problem(segm, img["height"], img["width"])
+            if problem is not None:
+                self.fail("bad RLE", where, problem)
                 return None
         elif segm is not None:
             self.fail("bad segmentation", where, f"segmentation of type {type(segm).__name__}")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from rsiseg.data.coco_index import BOX_TOLERANCE_PX, FAR_OUTSIDE, NON_FINITE, DataError, number_problem, read_coco_json
 from rsiseg.data.io import TIFF_SUFFIXES, image_size
-from rsiseg.structures import rle_to_xywh, segmentation_to_rle
+from rsiseg.structures import rle_problem, rle_to_xywh, segmentation_to_rle
 
 ERROR, WARNING = "error", "warning"
 MAX_EXAMPLES = 5
@@ -53,7 +53,7 @@ KINDS: dict[str, str] = {
     "polygon with < 3 points": ERROR,
     "zero-area polygon": ERROR,
     "self-intersecting polygon": WARNING,
-    "RLE size mismatch": ERROR,
+    "bad RLE": ERROR,
     "missing bbox": ERROR,
     "zero-area box": ERROR,
     "box outside image": ERROR,
@@ -63,7 +63,7 @@ KINDS: dict[str, str] = {
 # Kinds --fix cannot repair: they need a person (which duplicate image is right? which size?).
 UNFIXABLE = frozenset({"no images", "duplicate category id", "malformed category entry", "malformed image entry", "duplicate image id",
                        "duplicate file_name", "image size mismatch"})
-_DROP_KINDS = frozenset({"unknown image id", "unknown category id", "bad segmentation", "RLE size mismatch",
+_DROP_KINDS = frozenset({"unknown image id", "unknown category id", "bad segmentation", "bad RLE",
                          "zero-area box", "box outside image", NON_FINITE, FAR_OUTSIDE, "bad iscrowd"})
 _POLYGON_KINDS = frozenset({"malformed polygon", "polygon with < 3 points", "zero-area polygon"})
 
@@ -192,10 +192,8 @@ def annotation_problems(ann: dict[str, Any], img: dict[str, Any] | None,
     if isinstance(segm, list):
         problems += [p for poly in segm if (p := polygon_problem(poly))]
     elif isinstance(segm, dict):
-        if "counts" not in segm:
-            problems.append(("bad segmentation", "RLE without 'counts'"))
-        elif list(segm.get("size", [])) != [H, W]:
-            problems.append(("RLE size mismatch", f"RLE size {segm.get('size')} != image [{H}, {W}]"))
+        if (rle := rle_problem(segm, H, W)) is not None:
+            return problems + [("bad RLE", rle)]  # pycocotools must not see it
     elif segm is not None:
         problems.append(("bad segmentation", f"segmentation of type {type(segm).__name__}"))
     bbox = ann.get("bbox")

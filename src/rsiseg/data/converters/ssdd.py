@@ -48,8 +48,15 @@ def is_official_test(file_name: str) -> bool:
 def read_name_list(path: Path) -> set[str]:
     """Image names from a COCO JSON's images or a text file with one name per line."""
     if path.suffix.lower() == ".json":
-        return {img["file_name"] for img in read_coco_json(path)["images"]}
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        images = read_coco_json(path)["images"]
+        bad = [i for i, img in enumerate(images) if not isinstance(img, dict) or not isinstance(img.get("file_name"), str)]
+        if bad:
+            raise DataError(f"{path}: images[{bad[0]}] has no string 'file_name' ({len(bad)} such entries)")
+        return {img["file_name"] for img in images}
+    try:
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: the inshore list is not UTF-8 text: {err}") from None
 
 
 def convert_ssdd(src: str | Path, out: str | Path, inshore: str | Path | None = None, *,

@@ -58,7 +58,7 @@ def read_class_names(data_yaml: Path, spec: dict[str, Any] | None = None) -> dic
         raise DataError(f"{data_yaml}: field 'names' is missing or empty")
     try:
         out = {int(k): str(v) for k, v in names.items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DataError(f"{data_yaml}: field 'names' has a key that is not a class index: {list(names)}") from None
     if min(out) < 0:
         raise DataError(f"{data_yaml}: field 'names' has a negative class index {min(out)}")
@@ -185,6 +185,8 @@ def convert_yolo(src: str | Path, out: str | Path, *, split: str | None = None,
 def _images_root(data_yaml: Path, spec: dict[str, Any]) -> Path:
     """The folder split entries (and so ``file_name``) are relative to: ``path`` of data.yaml, else its folder."""
     base = data_yaml.parent
+    if spec.get("path") and not isinstance(spec["path"], str):
+        raise DataError(f"{data_yaml}: field 'path' must be a folder name, got {spec['path']!r}")
     root = Path(spec["path"]) if spec.get("path") else base
     root = root if root.is_absolute() else base / root
     return root if root.is_dir() else base
@@ -225,7 +227,10 @@ def _split_images(root: Path, entry: Any, data_yaml: Path, split: str) -> tuple[
         if where.is_dir():
             paths += [p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         elif where.is_file() and where.suffix == ".txt":
-            listed = [line.strip() for line in where.read_text().splitlines() if line.strip()]
+            try:
+                listed = [line.strip() for line in where.read_text().splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: image list (field {split!r} of {data_yaml}) is not UTF-8 text: {err}") from None
             paths += [Path(p) if Path(p).is_absolute() else root / p for p in listed]
         else:
             absent.append(str(where))
