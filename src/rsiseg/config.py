@@ -220,8 +220,11 @@ def _rule(test: Callable[[Any], bool], requirement: str) -> Check:
 
 
 def _optional(check: Check, meaning: str) -> Check:
-    return lambda value: None if value is None else (
-        None if check(value) is None else f"{check(value)}, or null ({meaning})")
+    def checked(value: Any) -> str | None:
+        problem = None if value is None else check(value)
+        return None if problem is None else f"{problem}, or null ({meaning})"
+
+    return checked
 
 
 def _one_of(names: tuple[str, ...]) -> Check:

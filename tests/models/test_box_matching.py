@@ -10,7 +10,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from rsiseg.models.layers import box_matching
-from rsiseg.models.layers.box_matching import LocalMatcher, box_pairs
+from rsiseg.models.layers.box_matching import BoxPairs, LocalMatcher
 
 
 def anchors(size: int = 128) -> torch.Tensor:
@@ -32,17 +32,17 @@ def test_same_matches_as_torchvision(high: float, low: float, allow: bool, n: in
     boxes = torch.cat([anchors(), instances(50, seed=9)])  # anchors, plus proposals of free sizes
     gt = instances(n)
     expected = Matcher(high, low, allow)(box_iou(gt, boxes))
-    assert torch.equal(LocalMatcher(high, low, allow)(box_pairs(gt, boxes)), expected)  # the dense path
+    assert torch.equal(LocalMatcher(high, low, allow)(BoxPairs(gt, boxes)), expected)  # the dense path
     monkeypatch.setattr(box_matching, "_DENSE_ELEMENTS", 0)
-    assert torch.equal(LocalMatcher(high, low, allow)(box_pairs(gt, boxes)), expected)
+    assert torch.equal(LocalMatcher(high, low, allow)(BoxPairs(gt, boxes)), expected)
     # Tiny chunks: many chunks, the "many instances nearby" split, and ties across chunks.
     monkeypatch.setattr(box_matching, "_CHUNK_BOXES", 257)
     monkeypatch.setattr(box_matching, "_CHUNK_ELEMENTS", 3000)
-    assert torch.equal(LocalMatcher(high, low, allow)(box_pairs(gt, boxes)), expected)
+    assert torch.equal(LocalMatcher(high, low, allow)(BoxPairs(gt, boxes)), expected)
 
 
 def test_empty_inputs_raise_like_torchvision() -> None:
     with pytest.raises(ValueError, match="No ground-truth boxes"):
-        LocalMatcher(0.7, 0.3)(box_pairs(torch.zeros(0, 4), anchors()))
+        LocalMatcher(0.7, 0.3)(BoxPairs(torch.zeros(0, 4), anchors()))
     with pytest.raises(ValueError, match="No proposal boxes"):
-        LocalMatcher(0.7, 0.3)(box_pairs(instances(3), torch.zeros(0, 4)))
+        LocalMatcher(0.7, 0.3)(BoxPairs(instances(3), torch.zeros(0, 4)))

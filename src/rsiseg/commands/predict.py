@@ -66,6 +66,7 @@ class Inputs:
 
 def collect_images(
     inputs: list[str], from_coco: str | None, images_dir: str | None, limit: int | None, strict: bool = False,
+    coco: dict[str, Any] | None = None,
 ) -> Inputs:
     """The readable images of files, folders (sorted, non-recursive) and/or a COCO JSON, headers checked.
 
@@ -73,19 +74,19 @@ def collect_images(
     against it); the others are numbered after them. A folder entry or file that is not a
     readable image is skipped and counted, or refused with ``strict``. Overlay stems are the file
     stems, with ``_<image id>`` added where stems repeat (e.g. ``a/x.png`` and ``b/x.png``).
+    ``coco`` is ``from_coco`` already read, when the caller has it.
 
     Raises:
         FileNotFoundError: an input does not exist (named).
         ImageTooLargeError: an image is over the pixel limit (always refused: it is an image).
         ImageReadError: a ``from_coco`` image, or with ``strict`` any input, is not a readable image.
-        ValueError: nothing to predict, or ``limit`` < 1.
+        ValueError: nothing to predict.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
     listed: list[tuple[Path, int | None]] = []
     if from_coco:
         root = Path(images_dir) if images_dir else Path(from_coco).parent
-        listed += [(root / img["file_name"], int(img["id"])) for img in read_coco_json(Path(from_coco))["images"]]
+        coco = coco if coco is not None else read_coco_json(Path(from_coco))
+        listed += [(root / img["file_name"], int(img["id"])) for img in coco["images"]]
     for item in inputs:
         path = Path(item)
         if not path.exists():
@@ -145,10 +146,11 @@ def run_predict(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_folder(out, args.overwrite)
-    found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict)
+    coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
+    found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
     loaded = load_model(args.checkpoint, args.device, overrides=overrides)
-    categories, label_to_category = _categories(loaded, args)
+    categories, label_to_category = _categories(loaded, args, coco)
     created, staging = _make_dirs(out), None
     try:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=".tmp", dir=out))
@@ -201,12 +203,13 @@ def _unreadable_reason(path: Path, required_by: str | None) -> str | None:
     return reason
 
 
-def _categories(loaded: LoadedModel, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[int]]:
-    """The categories to write and each label's category id: the JSON's with ``--from-coco``, else the model's."""
-    if not args.from_coco:
+def _categories(loaded: LoadedModel, args: argparse.Namespace,
+                coco: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[int]]:
+    """The categories to write and each label's category id: the ``--from-coco`` JSON's, else the model's."""
+    if coco is None:
         categories = [{"id": c, "name": n} for c, n in zip(loaded.label_to_category, loaded.class_names)]
         return categories, loaded.label_to_category
-    categories = read_coco_json(Path(args.from_coco))["categories"]  # results are scored against this JSON
+    categories = coco["categories"]  # results are scored against this JSON
     label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, categories, parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(args.from_coco))

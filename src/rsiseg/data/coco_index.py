@@ -276,14 +276,14 @@ class _Checker:
         bbox = self.box(ann.get("bbox"), img, where)
         if bbox is None:
             return None
-        area = ann.get("area")
-        if not isinstance(area, (int, float)):
-            # COCO evaluation needs the area for its size ranges; derive it as pycocotools would.
-            area = rle_area(segmentation_to_rle(segm, img["height"], img["width"])) if segm else bbox[2] * bbox[3]
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             self.fail("bad iscrowd", where, f"field 'iscrowd' must be 0 or 1, got {iscrowd!r}")
             return None
+        area = ann.get("area")
+        if not isinstance(area, (int, float)):
+            # COCO evaluation needs the area for its size ranges; derive it as pycocotools would.
+            area = rle_area(segmentation_to_rle(segm, img["height"], img["width"])) if segm else bbox[2] * bbox[3]
         return {**ann, "segmentation": segm, "bbox": bbox, "area": area, "iscrowd": int(iscrowd)}
 
     def polygons(self, segm: list[Any], where: str) -> list[list[float]] | None:

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+from rsiseg.config import IOU_TYPES
 from rsiseg.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-IOU_TYPES = ("bbox", "segm")
 AREA_LABELS = ("small", "medium", "large")
 # COCO's upper bound for "any area"; kept identical so "all" means what it means in pycocotools.
 _MAX_AREA = 1e5**2

@@ -11,7 +11,6 @@ unique, else renumbered 1..N (and counted).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rsiseg.data.coco_index import DataError, number_problem, read_coco_json
+from rsiseg.fileio import atomic_write
 
 SKIP_HINT = "pass --skip-invalid to drop and count such annotations"
 ANN_HINT = "pass --ann FILE to read only the file you mean"
@@ -102,7 +102,7 @@ def read_sources(paths: Sequence[Path], report: SourceReport, *, skip_invalid: b
 
 
 def _add_images(path: Path, entries: list[Any], anns: dict[int, list[Any]],
-                images: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str, Path]], report: SourceReport) -> int:
+                images: dict[str, tuple[dict[str, Any], list[dict[str, Any]], Path]], report: SourceReport) -> int:
     """Add one file's images (keyed by file_name) to ``images``; returns how many were new."""
     new, ids = 0, set()
     for i, img in enumerate(entries):
@@ -112,15 +112,14 @@ def _add_images(path: Path, entries: list[Any], anns: dict[int, list[Any]],
         if img["id"] in ids:  # its annotations could not be told apart
             raise DataError(f"{path}: images[{i}] ({name}) repeats image id {img['id']}")
         ids.add(img["id"])
-        sig = _signature(img, anns.get(img["id"], []))
-        if name in images:
-            first = images[name]
-            if first[2] != sig:
-                raise DataError(f"{path}: image {name!r} has a different size or annotations than in {first[3]}; "
+        if name in images:  # signatures only for repeats: most sources repeat nothing
+            first_img, first_anns, first_path = images[name]
+            if _signature(first_img, first_anns) != _signature(img, anns.get(img["id"], [])):
+                raise DataError(f"{path}: image {name!r} has a different size or annotations than in {first_path}; "
                                 f"{ANN_HINT}")
             report.merged["repeated images (same size and annotations, kept once)"] += 1
             continue
-        images[name] = (img, anns.get(img["id"], []), sig, path)
+        images[name] = (img, anns.get(img["id"], []), path)
         new += 1
     return new
 
@@ -170,7 +169,7 @@ def _signature(img: dict[str, Any], anns: list[dict[str, Any]]) -> str:
     return json.dumps([img.get("width"), img.get("height"), body])
 
 
-def _assign_ids(entries: list[tuple[dict[str, Any], list[dict[str, Any]], str, Path]],
+def _assign_ids(entries: list[tuple[dict[str, Any], list[dict[str, Any]], Path]],
                 report: SourceReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Image and annotation lists; the source ids are kept unless two entries would share one."""
     image_ids = [img["id"] for img, *_ in entries]
@@ -182,7 +181,7 @@ def _assign_ids(entries: list[tuple[dict[str, Any], list[dict[str, Any]], str, P
     if not keep_anns:
         report.merged["annotation ids renumbered (ids repeated across files)"] = len(ann_ids)
     images, annotations = [], []
-    for n, (img, anns, _, _) in enumerate(entries, start=1):
+    for n, (img, anns, _) in enumerate(entries, start=1):
         image_id = img["id"] if keep_images else n
         images.append({**img, "id": image_id})
         for ann in anns:
@@ -232,17 +231,10 @@ def write_splits(out: Path, name_pattern: str, splits: dict[str, dict[str, Any]]
     return summary | report.to_dict()
 
 
-def write_outputs(out: Path, files: dict[str, Any]) -> list[str]:
-    """Write ``{relative path: JSON-ready object}`` under ``out``, each via a temp file and ``os.replace``.
+def write_outputs(out: Path, files: dict[str, Any]) -> None:
+    """Write ``{relative path: JSON-ready object}`` under ``out``, each atomically.
 
     Called once everything is computed, so a refused run leaves no partial output.
     """
-    written = []
     for rel, obj in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
-        written.append(str(path))
-    return written
+        atomic_write(out / rel, lambda handle, obj=obj: json.dump(obj, handle))

@@ -105,7 +105,8 @@ def convert_whu(src: str | Path, out: str | Path, min_area: int = 10) -> dict[st
             and when no split holds an image. Nothing is written then.
     """
     src, out = Path(src), Path(out)
-    splits = [s for s in SPLITS if (require_source_dir(src, WHAT) / s / "image").is_dir()]
+    require_source_dir(src, WHAT)
+    splits = [s for s in SPLITS if (src / s / "image").is_dir()]
     if not splits:
         raise DataError(f"{src}: no WHU split found (looked for {{train,val,test}}/image)")
     converted = {split: convert_split(src, split, min_area) for split in splits}

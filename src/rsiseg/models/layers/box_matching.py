@@ -8,7 +8,7 @@ that overlaps it, with exactly torchvision's :class:`Matcher` rules, including t
 matches. Memory stays near ``chunk x overlapping instances``. Small problems (up to 4 M pairs)
 take torchvision's dense path, which is faster there.
 
-Use: :func:`use_local_matching` makes :func:`box_pairs` the RPN's or RoI heads'
+Use: :func:`use_local_matching` makes :class:`BoxPairs` the RPN's or RoI heads'
 ``box_similarity`` and :class:`LocalMatcher` their ``proposal_matcher``; torchvision's code then
 calls them unchanged.
 """
@@ -31,18 +31,11 @@ _CHUNK_BOXES = 4096
 
 
 class BoxPairs(NamedTuple):
-    """Ground-truth ``[M, 4]`` and candidate ``[A, 4]`` xyxy boxes, whose IoU is computed lazily."""
+    """Ground-truth ``[M, 4]`` and candidate ``[A, 4]`` xyxy boxes, whose IoU :class:`LocalMatcher`
+    computes lazily; ``BoxPairs(gt, boxes)`` stands in for ``box_iou(gt, boxes)``."""
 
     gt: Tensor
     boxes: Tensor
-
-    def numel(self) -> int:
-        return len(self.gt) * len(self.boxes)
-
-
-def box_pairs(gt: Tensor, boxes: Tensor) -> BoxPairs:
-    """Stand-in for ``box_iou`` that defers the computation to :class:`LocalMatcher`."""
-    return BoxPairs(gt, boxes)
 
 
 def _chunk_plan(gt: Tensor, boxes: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -117,7 +110,7 @@ def use_local_matching(module: torch.nn.Module) -> None:
     Called from the constructors of :class:`DenseRegionProposalNetwork` and the RoI heads.
     """
     matcher = module.proposal_matcher
-    module.box_similarity = box_pairs
+    module.box_similarity = BoxPairs
     module.proposal_matcher = LocalMatcher(matcher.high_threshold, matcher.low_threshold,
                                            matcher.allow_low_quality_matches)
 

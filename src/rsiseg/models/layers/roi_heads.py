@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 
-from rsiseg.models.layers.box_matching import box_pairs, use_local_matching
+from rsiseg.models.layers.box_matching import BoxPairs, use_local_matching
 from rsiseg.models.layers.mask_targets import mask_rcnn_loss
 
 # Detections whose masks are computed at once in eval.
@@ -90,7 +90,7 @@ class CompactMaskRoIHeads(RoIHeads):
                 matched = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
                 image_labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
             else:
-                matches = self.proposal_matcher(box_pairs(gt, boxes))
+                matches = self.proposal_matcher(BoxPairs(gt, boxes))
                 matched = matches.clamp(min=0)
                 image_labels = classes[matched].to(torch.int64)
                 image_labels[matches == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0
