@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsiseg.checkpoint import save_checkpoint
 from rsiseg.cli import main
 from rsiseg.config import config_from_dict, to_dict
-from rsiseg.engine.checkpoint import save_checkpoint
 from rsiseg.models.registry import build_model
 from tests.conftest import tiny_config_dict
 

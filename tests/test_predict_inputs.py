@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from rsiseg.checkpoint import save_checkpoint
 from rsiseg.cli import main
 from rsiseg.commands import predict
 from rsiseg.commands.predict import overlay_stems
 from rsiseg.config import config_from_dict, to_dict
-from rsiseg.engine.checkpoint import save_checkpoint
 from rsiseg.models.registry import build_model
 from tests.conftest import tiny_config_dict
 

@@ -17,12 +17,13 @@ import pytest
 import torch
 import yaml
 
+from rsiseg.checkpoint import load_checkpoint, save_checkpoint
 from rsiseg.cli import main
 from rsiseg.config import ConfigError, config_from_dict, to_dict
-from rsiseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from rsiseg.engine.preflight import check_metric_names
 from rsiseg.engine.trainer import Trainer
 from rsiseg.fileio import stale_temp_files
+from rsiseg.tasks.instance import InstanceTask
 from tests.conftest import tiny_config_dict
 
 
@@ -58,7 +59,7 @@ FAIL_FAST = [
 @pytest.mark.parametrize(("sections", "error", "text"), FAIL_FAST, ids=[c[2] for c in FAIL_FAST])
 def test_bad_run_is_refused_before_anything(synth_data: dict[str, Path], tmp_path: Path, sections: dict,
                                             error: type, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Trainer, "_datasets", lambda self: pytest.fail("data was loaded before the check"))
+    monkeypatch.setattr(InstanceTask, "build_datasets", lambda self, cfg: pytest.fail("data was loaded before the check"))
     run = tmp_path / "out" / "run"
     with pytest.raises(error, match=re.escape(text)):
         Trainer(tiny(synth_data, run, **sections), progress=False)

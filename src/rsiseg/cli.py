@@ -40,6 +40,10 @@ DATA_COMMANDS = [
      "Write stats.json, stats.md and PNG figures: instances per class, objects per image, box size distribution "
      "(32^2, 96^2 and iSAID 144^2 lines) and the foreground-pixel ratio bins of the Insight Any Instance paper "
      "(Table I)."),
+    ("class_weights", "inverse pixel-frequency class weights of dense labels (semantic task)",
+     "Count the pixels of each class over a folder of training label maps and write weights proportional to "
+     "the inverse frequency, normalised to mean 1 over the classes present (absent classes get 0). Point "
+     "model.seg.class_weights at the JSON."),
 ]
 
 
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
+    _add_sweep(sub)
     _add_data(sub)
     return parser
 
@@ -92,15 +97,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_train)
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    sweep = importlib.import_module("rsiseg.commands.sweep")  # defers its heavy imports to run()
+    p = sub.add_parser("sweep", help="train a config once per value of a key; tabulate and plot the metrics",
+                       description=sweep.__doc__)
+    sweep.add_arguments(p)
+    p.set_defaults(handler=_run_sweep)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="COCO bbox/segm evaluation of a checkpoint or of a results file",
+        help="evaluate a checkpoint (COCO AP, or accuracy and IoU) or a COCO results file",
         description="Compute the 12 COCO statistics for bbox and segm, plus per-class AP, of a checkpoint "
         "(--checkpoint; the data defaults to the validation split stored in its config) or of a COCO results "
         "file from any tool (--predictions R.json --data GT.json, e.g. data merge's scene_predictions.json). "
         "The model's classes must name the data's categories (ids may differ): --class-map maps other names. "
-        "Writes metrics.json, metrics.md, a table, and with a checkpoint results.json.",
+        "Writes metrics.json, metrics.md, a table, and with a checkpoint results.json. A semantic checkpoint gives "
+        "pixel accuracy, mean class accuracy, per-class IoU and mIoU on dense labels (--data LABELS_DIR --images "
+        "DIR, default its validation split).",
     )
     p.add_argument("--checkpoint", help="a .pth written by rsiseg train")
     p.add_argument("--predictions", metavar="RESULTS.json", help="score this COCO results file instead (needs --data)")
@@ -126,7 +141,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "the score threshold) and overlays/<stem>.png (<stem>_<image id>.png where stems repeat). Files in the "
         "folders that are not readable images are skipped and counted (--strict refuses them). An --out folder "
         "holding predictions.json is refused unless --overwrite. Images over RSISEG_MAX_PIXELS pixels (default "
-        "2**30) are refused before decoding.",
+        "2**30) are refused before decoding. A semantic checkpoint writes masks/<stem>.png (class indices; a "
+        "GeoTIFF with the input's georeferencing for GeoTIFF inputs), colour/<stem>.png (the class palette) and "
+        "images.json.",
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .pth written by rsiseg train")
@@ -203,6 +220,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.25)
+    s.add_argument("--task", choices=["instance", "semantic"], default="instance",
+                   help="instance: COCO JSONs (default); semantic: OUT/images/{train,val}, OUT/labels/{train,val} "
+                   "(uint8 class indices of six Potsdam-like classes) and OUT/classes.json")
     s.set_defaults(handler=_run_synth)
     convert = importlib.import_module("rsiseg.commands.data_convert")  # defers its heavy imports to run()
     c = data_sub.add_parser("convert", help="convert a published dataset format to COCO", description=convert.DESCRIPTION,
@@ -211,7 +231,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=_run_convert)
     for name, help_text, description in DATA_COMMANDS:
         module = importlib.import_module(f"rsiseg.commands.data_{name}")  # each defers its heavy imports to run()
-        sp = data_sub.add_parser(name, help=help_text, description=description)
+        sp = data_sub.add_parser(name.replace("_", "-"), help=help_text, description=description)
         module.add_arguments(sp)
         sp.set_defaults(handler=module.run)
 
@@ -229,6 +249,16 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace) -> int:
+    from rsiseg.commands.sweep import run
+
+    try:
+        return run(args)
+    except KeyboardInterrupt as err:  # finished runs are kept; the interrupted one resumes on the next sweep
+        print(f"rsiseg sweep: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from rsiseg.commands.evaluate import run_eval
 
@@ -242,6 +272,14 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    if args.task == "semantic":
+        from rsiseg.data.synthetic_semantic import write_synthetic_semantic_dataset
+
+        paths = write_synthetic_semantic_dataset(args.out, images=args.images, size=args.size, seed=args.seed,
+                                                 val_fraction=args.val_fraction)
+        for name, path in paths.items():
+            print(f"{name:>8}: {path}")
+        return 0
     from rsiseg.data.synthetic import SynthSpec, write_synthetic_dataset
 
     spec = SynthSpec(images=args.images, size=args.size, seed=args.seed, val_fraction=args.val_fraction)

@@ -34,8 +34,26 @@ PRESETS = ("coco", "isaid")
 IOU_TYPES = ("bbox", "segm")
 NORMS = ("frozen_bn", "bn", "gn")
 PRETRAINED = ("none", "imagenet")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "constant")
+TASKS = ("instance", "semantic")  # mirrors rsiseg.tasks.TASKS
+LABEL_FORMATS = ("index", "potsdam_rgb")
+POINT_SAMPLINGS = ("uniform", "stratified")
+
+
+@dataclass
+class PointsConfig:
+    """Sparse point labels of the semantic task: drawn once per image from dense labels, or read from a file.
+
+    ``count`` wins over ``fraction`` when both are set. The draw is a function of ``seed`` and the
+    image, so every epoch (and every resumed run) sees the same points.
+    """
+
+    count: int | None = None  # labelled points per image
+    fraction: float | None = 0.2222  # share of pixels labelled: the report's 20,000 points of 300 x 300
+    sampling: str = "uniform"  # uniform | stratified (the same number per class present, as far as it has pixels)
+    seed: int = 0
+    file: str | None = None  # real point labels (GeoJSON or CSV: image, x, y, class) instead of drawn ones
 
 
 @dataclass
@@ -54,6 +72,23 @@ class DataConfig:
     color_jitter: float = 0.0  # strength of brightness/contrast(/saturation/hue) jitter; 0 = off
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale, ratio kept
     max_size: int | None = None  # resize (ratio kept) so the longest side is at most this
+    # The semantic task: dense label maps paired with the images by name (see rsiseg.data.semantic).
+    train_labels: str | None = None  # folder of label maps for train_images
+    val_labels: str | None = None  # dense labels of the validation images (metrics are dense)
+    label_format: str = "index"  # index (uint8 class indices, 255 = ignore) | potsdam_rgb (the ISPRS palette)
+    image_size: int | None = None  # semantic: resize images and labels to this square side (the report: 150)
+    points: PointsConfig = field(default_factory=PointsConfig)
+
+
+@dataclass
+class SegConfig:
+    """``model.seg``: the point-supervised semantic segmentation family (``seg_resnet18``)."""
+
+    skip_connections: bool = False  # U-Net skips from the encoder; the report's plain decoder is the default
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])  # one per x2 upsampling
+    focal_gamma: float = 2.0  # focal term of the partial cross-entropy; 0 = plain cross-entropy
+    class_weights: str | None = None  # JSON written by `rsiseg data class-weights`; null = unweighted
+    ignore_index: int = 255  # label value of unlabelled pixels
 
 
 @dataclass
@@ -90,6 +125,7 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100  # up to 1000 for dense scenes
+    seg: SegConfig = field(default_factory=SegConfig)
 
 
 @dataclass
@@ -146,6 +182,7 @@ class ExperimentConfig:
     """One experiment: the four sections and a name."""
 
     name: str = "experiment"
+    task: str = "instance"  # instance | semantic: what the data, the metrics and the outputs look like
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -238,6 +275,16 @@ _POSITIVE_LISTS = _rule(lambda v: len(v) > 0 and all(len(x) > 0 and all(y > 0 fo
                         "must be a non-empty list of non-empty lists of positive numbers")
 
 RULES: dict[str, Check] = {
+    "task": _one_of(TASKS),
+    "data.label_format": _one_of(LABEL_FORMATS),
+    "data.image_size": _optional(_POSITIVE, "no resize"),
+    "data.points.count": _optional(_POSITIVE, "use data.points.fraction"),
+    "data.points.fraction": _optional(_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"), "use data.points.count"),
+    "data.points.sampling": _one_of(POINT_SAMPLINGS),
+    "model.seg.decoder_channels": _rule(lambda v: len(v) == 5 and all(c > 0 for c in v),
+                                        "must be five positive channel counts (one per x2 upsampling)"),
+    "model.seg.focal_gamma": _NON_NEGATIVE,
+    "model.seg.ignore_index": _rule(lambda v: 0 <= v <= 255, "must be in 0..255"),
     "data.num_workers": _optional(_NON_NEGATIVE, "auto"),
     **{f"data.{k}": _FRACTION for k in ("hflip", "vflip", "rot90")},
     "data.color_jitter": _NON_NEGATIVE,
@@ -318,6 +365,9 @@ def validate_config(cfg: ExperimentConfig, source: str = "config") -> Experiment
         if len(getattr(model, key)) != model.in_channels:
             problems.append(f"'model.{key}' has {len(getattr(model, key))} values but model.in_channels is "
                             f"{model.in_channels}: give one per band")
+    points = cfg.data.points
+    if points.count is None and points.fraction is None and points.file is None:
+        problems.append("'data.points' needs a count, a fraction or a file")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg

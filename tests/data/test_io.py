@@ -87,3 +87,12 @@ def test_missing_and_non_image_files_name_the_file(tmp_path: Path) -> None:
     text.write_text("not an image")
     with pytest.raises(ImageReadError, match=r"notes\.png: cannot decode image"):
         read_image(text)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "deflate", "zstd"])
+def test_compressed_geotiffs_are_read(tmp_path: Path, compression: str) -> None:
+    """Remote-sensing TIFFs are often LZW- or deflate-compressed; imagecodecs decodes them."""
+    data = np.random.default_rng(0).integers(0, 4000, (40, 30, 4), dtype=np.uint16)
+    path = tmp_path / f"scene_{compression}.tif"
+    tifffile.imwrite(path, data, compression=compression, photometric="rgb", extrasamples=[0])
+    assert np.array_equal(read_image(path), data)

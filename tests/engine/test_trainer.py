@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsiseg.checkpoint import load_checkpoint
 from rsiseg.config import config_from_dict
-from rsiseg.engine.checkpoint import load_checkpoint
 from rsiseg.engine.sampler import epoch_batches
 from rsiseg.engine.trainer import Trainer
 from tests.conftest import tiny_config_dict

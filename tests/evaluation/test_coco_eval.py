@@ -18,10 +18,9 @@ from rsiseg.evaluation.coco import (
     PRESETS,
     evaluate_coco,
     format_metrics_table,
-    metric_value,
     stat_names,
-    write_metrics,
 )
+from rsiseg.evaluation.metrics import metric_value, write_metrics
 from rsiseg.structures import mask_to_rle, rle_area, rle_to_xywh, segmentation_to_rle
 
 SIZE = 800  # big enough for an object above the iSAID "large" bound of 512^2 px

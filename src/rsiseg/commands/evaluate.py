@@ -1,4 +1,4 @@
-"""``rsiseg eval``: COCO metrics of a checkpoint on a dataset, or of a COCO results file."""
+"""``rsiseg eval``: a checkpoint's metrics on a dataset (its task's), or COCO metrics of a results file."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rsiseg.config import EvalConfig
+from rsiseg.checkpoint import load_checkpoint
+from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
-from rsiseg.engine.checkpoint import load_checkpoint
-from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table, write_metrics
+from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table
+from rsiseg.evaluation.metrics import write_metrics
+from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
 from rsiseg.inference.predictor import evaluate_model, model_from_state, stored_config
+from rsiseg.tasks import get_task
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -24,6 +27,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return _score_predictions(args)
     state = load_checkpoint(args.checkpoint)
     cfg = stored_config(state, args.checkpoint)
+    if cfg.task == "semantic":
+        return _eval_semantic(args, state, cfg)
     ann = args.data or cfg.data.val_ann
     if not ann:
         raise ValueError(f"{args.checkpoint}: its config has no data.val_ann; pass --data ANNOTATIONS.json")
@@ -41,8 +46,35 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics, results = evaluate_model(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet,
                                       label_to_category=label_to_category)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {ann}", results)
-    print(dataset.index.report.summary())
+    _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {ann}", format_metrics_table(metrics), results)
+    print(dataset.summary())
+    return 0
+
+
+def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: ExperimentConfig) -> int:
+    """Accuracy and IoU of a semantic checkpoint on dense labels: ``--data LABELS_DIR`` or its validation split."""
+    if args.predictions or args.class_map or args.preset or args.max_dets:
+        raise ValueError("--predictions, --class-map, --preset and --max-dets apply to the instance task; "
+                         f"{args.checkpoint} is a semantic model")
+    labels = args.data or cfg.data.val_labels
+    if not labels:
+        raise ValueError(f"{args.checkpoint}: its config has no data.val_labels; pass --data LABELS_DIR "
+                         "(and --images IMAGES_DIR)")
+    images = args.images or (cfg.data.val_images if not args.data else None)
+    if not images:
+        raise ValueError("--data LABELS_DIR needs --images IMAGES_DIR, the images those labels belong to")
+    task = get_task("semantic")
+    dataset = task.dataset(cfg, images, labels)
+    loaded = model_from_state(state, args.device, source=args.checkpoint)
+    if list(loaded.class_names) != list(dataset.class_names):
+        raise ValueError(f"{args.checkpoint} predicts the classes {loaded.class_names} but the labels in {labels} "
+                         f"have {dataset.class_names}")
+    metrics = task.evaluate(loaded.model, dataset, cfg, loaded.device, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {labels}", task.format_metrics(metrics))
+    figures = task.results_figures(loaded.model, dataset, cfg, loaded.device, out / "figures")
+    print(f"results figures (input, ground truth, points, prediction): {out / 'figures'}/ ({len(figures)})")
+    print(dataset.summary())
     return 0
 
 
@@ -63,7 +95,7 @@ def _score_predictions(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ValueError(f"{args.predictions} against {args.data}: {err}") from None
     out = Path(args.out) if args.out else Path(args.predictions).parent / "eval"
-    _write_outputs(out, metrics, f"{Path(args.predictions).name} on {args.data}")
+    _write_outputs(out, metrics, f"{Path(args.predictions).name} on {args.data}", format_metrics_table(metrics))
     if iou_types == ("bbox",):
         print("the results have no masks: bbox only")
     return 0
@@ -78,14 +110,14 @@ def _eval_settings(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
     return base
 
 
-def _write_outputs(out: Path, metrics: dict[str, Any], title: str, results: list[dict[str, Any]] | None = None) -> None:
+def _write_outputs(out: Path, metrics: dict[str, Any], title: str, table: str,
+                   results: list[dict[str, Any]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(metrics, out / "metrics.json")
     written = [out / "metrics.json", out / "metrics.md"]
     if results is not None:
         write_coco_results(results, out / "results.json")
         written.append(out / "results.json")
-    table = format_metrics_table(metrics)
-    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n")
+    atomic_write(out / "metrics.md", lambda handle: handle.write(f"# {title}\n\n{table}\n"))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in written)}")

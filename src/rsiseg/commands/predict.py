@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rsiseg.checkpoint import load_checkpoint
 from rsiseg.data.coco_index import read_coco_json
 from rsiseg.data.io import (
     ImageReadError,
@@ -35,7 +36,7 @@ from rsiseg.data.io import (
 from rsiseg.fileio import remove_path
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
-from rsiseg.inference.predictor import LoadedModel, load_model, predict_images
+from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_images, stored_config
 from rsiseg.inference.visualize import save_overlay, to_display_rgb
 
 log = logging.getLogger(__name__)
@@ -144,14 +145,19 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    state = load_checkpoint(args.checkpoint)
+    if stored_config(state, args.checkpoint).task == "semantic":
+        from rsiseg.commands.predict_semantic import run_semantic_predict
+
+        return run_semantic_predict(args, state)
     out = Path(args.out)
     check_out_folder(out, args.overwrite)
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
-    loaded = load_model(args.checkpoint, args.device, overrides=overrides)
+    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
     categories, label_to_category = _categories(loaded, args, coco)
-    created, staging = _make_dirs(out), None
+    created, staging = make_dirs(out), None
     try:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=".tmp", dir=out))
         results, entries = _predict_all(found, loaded, label_to_category, staging, args)
@@ -159,9 +165,9 @@ def _run(args: argparse.Namespace) -> int:
                        "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}
         write_coco_results(results, staging / "predictions.json")
         (staging / "images.json").write_text(json.dumps(images_json, indent=1))
-        _publish(staging, out)
+        publish_outputs(staging, out)
     except BaseException:
-        _discard(staging, created)
+        discard_outputs(staging, created)
         raise
     _report(results, entries, found.skipped, args.score_threshold)
     print(f"wrote {out / 'predictions.json'}, {out / 'images.json'}"
@@ -169,11 +175,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that is a file, or holds a previous run unless ``overwrite``; clear stale staging."""
+def check_out_folder(out: Path, overwrite: bool, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Refuse an ``--out`` that is a file, or holds a previous run's ``outputs`` unless ``overwrite``; clear stale staging."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    found = [name for name in OUTPUTS if (out / name).exists()]
+    found = [name for name in outputs if (out / name).exists()]
     if found and not overwrite:
         raise FileExistsError(f"--out {out} already holds a previous run's {', '.join(found)}: pass --overwrite "
                               "to replace it, or choose another --out")
@@ -230,7 +236,7 @@ def _predict_all(
     for start in tqdm(batches, desc="predict", disable=args.quiet):
         batch, tensors = [], []
         for item in found.images[start : start + args.batch_size]:
-            array = _decode(item, found)
+            array = decode_or_skip(item, found)
             if array is not None:
                 array = to_unit_float(match_bands(array, loaded.config.model.in_channels, item.path))
                 batch.append(item)
@@ -254,7 +260,7 @@ def _predict_all(
     return results, entries
 
 
-def _decode(item: ImageInput, found: Inputs) -> np.ndarray | None:
+def decode_or_skip(item: ImageInput, found: Inputs) -> np.ndarray | None:
     """The image's pixels, or None (recorded in ``found.skipped``) when an optional image fails to decode."""
     try:
         return read_image(item.path)
@@ -275,6 +281,11 @@ def _report(results: list[dict[str, Any]], entries: list[dict[str, Any]], skippe
         hidden_in = sum(1 for e in entries if e["below_threshold"])
         print(f"{below} detections in {hidden_in} images were below the score threshold {threshold:g} (best "
               f"{best:.3f}); lower --score-threshold to keep them (counts per image in images.json)")
+    report_skipped(skipped)
+
+
+def report_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """Warn about the inputs that were skipped, with a few examples."""
     if skipped:
         log.warning("skipped %d input(s) that are not readable images (--strict refuses them): %s",
                     len(skipped), _examples(skipped))
@@ -285,16 +296,16 @@ def _examples(skipped: list[tuple[Path, str]], show: int = 3) -> str:
     return text + (f"; and {len(skipped) - show} more (listed in images.json)" if len(skipped) > show else "")
 
 
-def _make_dirs(folder: Path) -> list[Path]:
+def make_dirs(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; returns the created ones, deepest first."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Replace the previous run's outputs in ``out`` by the staged ones, then remove ``staging``."""
-    for name in OUTPUTS:
+def publish_outputs(staging: Path, out: Path, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Replace the previous run's ``outputs`` in ``out`` by the staged ones, then remove ``staging``."""
+    for name in outputs:
         old = out / name
         remove_path(old)
         if (staging / name).exists():
@@ -302,7 +313,7 @@ def _publish(staging: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def _discard(staging: Path | None, created: list[Path]) -> None:
+def discard_outputs(staging: Path | None, created: list[Path]) -> None:
     """Remove the staged outputs and the folders this run created, leaving nothing partial."""
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)

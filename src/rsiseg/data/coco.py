@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,10 @@ class CocoInstanceDataset(Dataset):
     @property
     def class_names(self) -> list[str]:
         return self.index.class_names
+
+    def summary(self) -> str:
+        """One line for the log: what was read, and what was skipped or repaired."""
+        return self.index.report.summary()
 
     @property
     def label_to_category(self) -> list[int]:
@@ -139,19 +142,3 @@ class CocoInstanceDataset(Dataset):
 def _to_chw(image: np.ndarray) -> torch.Tensor:
     """``float32 [H, W, C]`` -> contiguous ``[C, H, W]`` tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def resolve_num_workers(requested: int | None) -> int:
-    """Loader worker processes: ``requested``, or with None the CPU cores this process may use (at most 8)."""
-    if requested is not None:
-        if requested < 0:
-            raise ValueError(f"data.num_workers must be >= 0 or null (auto), got {requested}")
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, 8)
-
-
-def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
-    """Keep images and targets as lists: detection images differ in size."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)

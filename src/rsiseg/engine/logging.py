@@ -12,6 +12,10 @@ from rsiseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
+# The evaluation statistics plotted by default, whatever the task: AP and AP50 of each instance IoU type,
+# the semantic task's accuracy and mIoU.
+CURVE_STATS = ("AP", "AP50", "accuracy", "mIoU")
+
 
 class RunLogger:
     """Appends records to ``metrics.jsonl`` and mirrors their numbers to TensorBoard.
@@ -99,7 +103,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, metric_keys: lis
                      linewidth=1.8 if key == "loss" else 1.0)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses (faint: raw; bold: smoothed)",
                 yscale="log")
-    keys = metric_keys or sorted({k for r in evals for k in r if "/" in k and k.split("/")[1] in ("AP", "AP50")})
+    keys = metric_keys or sorted({k for r in evals for k in r if "/" in k and k.split("/")[1] in CURVE_STATS})
     for key in keys:
         pts = [(r["iteration"], r[key]) for r in evals if r.get(key) is not None]
         if pts:

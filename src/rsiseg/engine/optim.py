@@ -40,13 +40,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over :func:`param_groups`."""
+    """SGD (momentum), Adam (L2 weight decay added to the gradient) or AdamW (decoupled) over :func:`param_groups`."""
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    raise ValueError(f"train.optimizer must be one of sgd, adam, adamw, got {cfg.optimizer!r}")
 
 
 class LRSchedule:

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from rsiseg.config import ConfigError, EvalConfig, ExperimentConfig, ModelConfig, to_dict
-from rsiseg.engine.checkpoint import load_checkpoint
-from rsiseg.evaluation.coco import PRESETS, stat_names
+from rsiseg.checkpoint import load_checkpoint
+from rsiseg.config import ConfigError, ExperimentConfig, ModelConfig, to_dict
 from rsiseg.fileio import remove_path, remove_stale_temp_files
 from rsiseg.models.registry import MODELS
+from rsiseg.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ def preflight(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = Fal
     if cfg.model.name not in MODELS:
         raise ConfigError(f"model.name = {cfg.model.name!r} is not a registered model; choose one of "
                           f"{', '.join(sorted(MODELS))}")
+    tasks = MODELS[cfg.model.name].tasks
+    if cfg.task not in tasks:
+        raise ConfigError(f"task = {cfg.task!r} but model.name = {cfg.model.name!r} is a model for the "
+                          f"{' and '.join(tasks)} task; set task: {tasks[0]}")
     check_metric_names(cfg)
     check_device(cfg.train.device)
     check_backbone_checkpoint(cfg.model)
@@ -57,15 +61,9 @@ def preflight(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = Fal
     return None
 
 
-def metric_names(eval_cfg: EvalConfig) -> list[str]:
-    """The ``"{iou_type}/{stat}"`` names an evaluation with ``eval_cfg`` produces."""
-    max_dets = eval_cfg.max_dets or PRESETS[eval_cfg.preset].max_dets
-    return [f"{iou_type}/{stat}" for iou_type in eval_cfg.iou_types for stat in stat_names(max_dets)]
-
-
 def check_metric_names(cfg: ExperimentConfig) -> None:
     """``train.best_metric`` (and ``train.plateau_metric`` with the plateau scheduler) must be produced."""
-    valid = metric_names(cfg.eval)
+    valid = get_task(cfg.task).metric_names(cfg)
     keys = ["best_metric"] + (["plateau_metric"] if cfg.train.scheduler == "plateau" else [])
     for key in keys:
         name = getattr(cfg.train, key)
@@ -73,8 +71,8 @@ def check_metric_names(cfg: ExperimentConfig) -> None:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
-                f"train.{key} = {name!r} is not a metric the evaluation gives (eval.preset {cfg.eval.preset!r}, "
-                f"eval.iou_types {cfg.eval.iou_types}); {hint}valid names: {', '.join(valid)}")
+                f"train.{key} = {name!r} is not a metric the {cfg.task} task's evaluation gives with these eval "
+                f"settings; {hint}valid names: {', '.join(valid)}")
 
 
 def check_device(name: str) -> None:

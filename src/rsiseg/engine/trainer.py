@@ -29,17 +29,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from rsiseg.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rsiseg.config import ExperimentConfig, dump_config, to_dict
-from rsiseg.data.coco import CocoInstanceDataset, collate, resolve_num_workers
-from rsiseg.data.transforms import build_train_transforms
-from rsiseg.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
+from rsiseg.data.loader import collate, resolve_num_workers
 from rsiseg.engine.logging import RunLogger, format_progress, plot_curves
 from rsiseg.engine.optim import LRSchedule, build_optimizer
 from rsiseg.engine.preflight import preflight, prepare_run_dir
 from rsiseg.engine.sampler import EpochBatchSampler
-from rsiseg.evaluation.coco import format_metrics_table, metric_value, write_metrics
-from rsiseg.inference.predictor import evaluate_model, select_device
+from rsiseg.evaluation.metrics import metric_value, write_metrics
+from rsiseg.inference.predictor import select_device
 from rsiseg.models.registry import build_model
+from rsiseg.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(cfg.train.output_dir)
         resume_state = preflight(cfg, resume=resume, overwrite=overwrite)
+        self.task = get_task(cfg.task)
         self.device = select_device(cfg.train.device)
         seed_everything(cfg.train.seed)
-        self.train_set, self.val_set = self._datasets()
-        self._check_classes()
+        self.train_set, self.val_set = self.task.build_datasets(cfg)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed)
         # One loader for the whole run: persistent workers are started once, not every epoch. Its own
@@ -178,9 +178,8 @@ class Trainer:
         return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
 
     def evaluate(self) -> dict[str, Any]:
-        """COCO-evaluate on the validation split, log, keep the best checkpoint and feed the scheduler."""
-        metrics, _ = evaluate_model(self.model, self.val_set, self.cfg.eval, self.device,
-                                    self.num_workers, self.progress)
+        """Evaluate on the validation split (the task's metrics), log, keep the best checkpoint, feed the scheduler."""
+        metrics = self.task.evaluate(self.model, self.val_set, self.cfg, self.device, self.num_workers, self.progress)
         self.last_metrics = metrics
         flat = {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
         self.logger.write("eval", self.iteration, self.epoch, flat)
@@ -206,8 +205,7 @@ class Trainer:
                 "rng_state": rng_state(),
                 "config": to_dict(self.cfg),
                 "metrics": {"best": self.best, "skipped_batches": self.skipped_batches},
-                "classes": {"names": self.train_set.class_names,
-                            "category_ids": self.train_set.label_to_category},
+                "classes": self.task.class_record(self.train_set),
             },
             self.run_dir / name,
         )
@@ -268,24 +266,6 @@ class Trainer:
     def _lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
-    def _datasets(self) -> tuple[CocoInstanceDataset, CocoInstanceDataset | None]:
-        data, channels = self.cfg.data, self.cfg.model.in_channels
-        if not data.train_ann or not data.train_images:
-            raise ValueError("data.train_ann and data.train_images must be set to train")
-        train = CocoInstanceDataset(data.train_ann, data.train_images, in_channels=channels, repair=data.repair,
-                                    transforms=build_train_transforms(data, channels), seed=self.cfg.train.seed)
-        val = None
-        if data.val_ann:
-            val = CocoInstanceDataset(data.val_ann, data.val_images or data.train_images, in_channels=channels,
-                                      repair=data.repair)
-        return train, val
-
-    def _check_classes(self) -> None:
-        found = len(self.train_set.class_names)
-        if found != self.cfg.model.num_classes:
-            raise ValueError(f"model.num_classes is {self.cfg.model.num_classes} but {self.train_set.index.ann_file} "
-                             f"has {found} categories ({', '.join(self.train_set.class_names)})")
-
     def _resume(self, state: dict[str, Any]) -> None:
         path = self.run_dir / "last.pth"
         self.model.load_state_dict(state["model"])
@@ -304,10 +284,10 @@ class Trainer:
         plot_curves(self.logger.path, self.run_dir / "curves.png")
         if self.last_metrics:
             write_metrics(self.last_metrics, self.run_dir / "metrics.json")
-            log.info("final metrics:\n%s", format_metrics_table(self.last_metrics))
+            log.info("final metrics:\n%s", self.task.format_metrics(self.last_metrics))
         for dataset in (self.train_set, self.val_set):
             if dataset is not None:
-                log.info(dataset.index.report.summary())
+                log.info(dataset.summary())
         if self.skipped_batches:
             log.warning("%d batches were skipped for non-finite losses", self.skipped_batches)
         log.info("outputs in %s", self.run_dir)

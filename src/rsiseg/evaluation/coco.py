@@ -33,7 +33,7 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
 from rsiseg.config import IOU_TYPES
-from rsiseg.fileio import atomic_write
+from rsiseg.evaluation.metrics import percent
 
 logger = logging.getLogger(__name__)
 
@@ -260,29 +260,6 @@ def _mean_defined(values: np.ndarray) -> float | None:
     return float(valid.mean()) if valid.size else None
 
 
-def metric_value(metrics: dict[str, dict[str, Any]], name: str) -> float:
-    """Look up one summary statistic by ``"<iou type>/<stat>"``, e.g. ``"segm/AP50"``.
-
-    Returns:
-        The value, or NaN where the metric is undefined (stored as ``None``).
-
-    Raises:
-        ValueError: the name is not one of the statistics present, which the message lists.
-    """
-    valid = [
-        f"{iou_type}/{key}"
-        for iou_type, stats in metrics.items()
-        if isinstance(stats, dict)
-        for key, value in stats.items()
-        if value is None or isinstance(value, (int, float))
-    ]
-    if name not in valid:
-        raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(valid)}")
-    iou_type, key = name.split("/", 1)
-    value = metrics[iou_type][key]
-    return math.nan if value is None else float(value)
-
-
 def format_metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     """Markdown tables of the main statistics and per-class AP, in percent with one decimal.
 
@@ -291,7 +268,7 @@ def format_metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     iou_types = [t for t in metrics if isinstance(metrics[t], dict)]
     lines = ["| type | " + " | ".join(_TABLE_COLUMNS) + " |", "|---" * (len(_TABLE_COLUMNS) + 1) + "|"]
     for iou_type in iou_types:
-        cells = [_percent(metrics[iou_type].get(col)) for col in _TABLE_COLUMNS]
+        cells = [percent(metrics[iou_type].get(col)) for col in _TABLE_COLUMNS]
         lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
 
     # Classes in first-seen order so the table follows the dataset's category order.
@@ -300,19 +277,6 @@ def format_metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
         lines += ["", "| class | " + " | ".join(f"{t} AP" for t in iou_types) + " |"]
         lines.append("|---" * (len(iou_types) + 1) + "|")
         for cls in classes:
-            cells = [_percent(metrics[t].get("per_class", {}).get(cls)) for t in iou_types]
+            cells = [percent(metrics[t].get("per_class", {}).get(cls)) for t in iou_types]
             lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100.0 * value:.1f}"
-
-
-def write_metrics(metrics: dict[str, Any], path: str | Path) -> None:
-    """Write ``metrics`` as JSON (indent 2) atomically, creating the parent folder if needed."""
-    # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers.
-    text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda handle: handle.write(text))

@@ -8,7 +8,7 @@ holds a full-size mask. Evaluation reads images only: the ground truth is scored
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from rsiseg.config import EvalConfig, ExperimentConfig, config_from_dict
-from rsiseg.data.coco import CocoInstanceDataset, collate
-from rsiseg.engine.checkpoint import load_checkpoint
+from rsiseg.checkpoint import load_checkpoint
+from rsiseg.config import EvalConfig, ExperimentConfig, ModelConfig, config_from_dict
+from rsiseg.data.coco import CocoInstanceDataset
+from rsiseg.data.loader import collate
 from rsiseg.evaluation.coco import evaluate_coco
 from rsiseg.inference.export import prediction_to_coco
 from rsiseg.models.registry import build_model
@@ -65,7 +66,7 @@ def model_from_state(
     if overrides:
         raw = {**raw, "model": {**raw["model"], **overrides}}
     cfg = config_from_dict(raw, source=f"{source} (stored config)")
-    model = build_model(cfg.model)
+    model = build_model(_without_initial_weights(cfg.model))
     model.load_state_dict(state["model"])
     dev = select_device(device)
     model.to(dev).eval()
@@ -73,6 +74,15 @@ def model_from_state(
     names = classes.get("names") or [f"class_{i}" for i in range(1, cfg.model.num_classes + 1)]
     category_ids = classes.get("category_ids") or list(range(1, cfg.model.num_classes + 1))
     return LoadedModel(model, cfg, list(names), list(category_ids), dev)
+
+
+def _without_initial_weights(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without the files that only initialise training: the checkpoint holds every weight.
+
+    A checkpoint must load on a machine without the ImageNet download, the backbone file or the
+    class-weights file it was trained from.
+    """
+    return replace(cfg, pretrained="none", backbone_checkpoint=None, seg=replace(cfg.seg, class_weights=None))
 
 
 @torch.no_grad()

@@ -1,19 +1,32 @@
-"""Model builders by name: a plain dict, no decorators, no import side effects."""
+"""Model builders by name: a plain dict, no decorators, no import side effects.
+
+Each entry names the builder and the tasks (see :mod:`rsiseg.tasks`) the model serves; a config's
+``task`` must be one of them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from torch import nn
 
 from rsiseg.config import ModelConfig
 from rsiseg.models import mask_rcnn
+from rsiseg.models.semantic import seg_resnet
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "maskrcnn_r18_fpn": mask_rcnn.build_maskrcnn_r18_fpn,
-    "maskrcnn_r34_fpn": mask_rcnn.build_maskrcnn_r34_fpn,
-    "maskrcnn_r50_fpn": mask_rcnn.build_maskrcnn_r50_fpn,
-    "maskrcnn_r101_fpn": mask_rcnn.build_maskrcnn_r101_fpn,
+
+class ModelEntry(NamedTuple):
+    build: Callable[[ModelConfig], nn.Module]
+    tasks: tuple[str, ...]
+
+
+MODELS: dict[str, ModelEntry] = {
+    "maskrcnn_r18_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r18_fpn, ("instance",)),
+    "maskrcnn_r34_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r34_fpn, ("instance",)),
+    "maskrcnn_r50_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r50_fpn, ("instance",)),
+    "maskrcnn_r101_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r101_fpn, ("instance",)),
+    "seg_resnet18": ModelEntry(seg_resnet.build_seg_resnet18, ("semantic",)),
 }
 
 
@@ -25,4 +38,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model.name {cfg.name!r}; registered: {', '.join(sorted(MODELS))}")
-    return MODELS[cfg.name](cfg)
+    return MODELS[cfg.name].build(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ def rgb_to_index(label_rgb: np.ndarray) -> np.ndarray:
     codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     pos = np.clip(np.searchsorted(_SORTED, codes), 0, len(_SORTED) - 1)
     return np.where(_SORTED[pos] == codes, _ORDER[pos], IGNORE_INDEX).astype(np.uint8)
+
+
+def index_to_rgb(index: np.ndarray, palette: Sequence[Sequence[int]] = POTSDAM_PALETTE,
+                 ignore_colour: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """Map ``uint8[H, W]`` class indices to a ``uint8[H, W, 3]`` RGB label; indices past the palette
+    (undefined, ignore) get ``ignore_colour``. The inverse of :func:`rgb_to_index` for the Potsdam palette."""
+    table = np.tile(np.array(ignore_colour, dtype=np.uint8), (256, 1))
+    table[: min(len(palette), 255)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:255]
+    index = np.asarray(index)
+    return table[np.where((index >= 0) & (index < 255), index, 255)]
 
 
 def read_rgb(path: Path) -> np.ndarray:

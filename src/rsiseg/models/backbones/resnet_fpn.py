@@ -60,6 +60,32 @@ def build_resnet_fpn(
         A module mapping ``[B, C, H, W]`` to feature maps of ``fpn_channels`` channels at
         strides 4, 8, 16, 32 and 64, with ``out_channels`` set.
     """
+    body = build_resnet_body(depth_name, in_channels=in_channels, pretrained=pretrained, checkpoint=checkpoint,
+                             norm=norm, trainable_layers=trainable_layers)
+    stage_channels = [body.layer1[-1], body.layer2[-1], body.layer3[-1], body.layer4[-1]]
+    in_channels_list = [block_out_channels(block) for block in stage_channels]
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=in_channels_list,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def build_resnet_body(
+    depth_name: str,
+    *,
+    in_channels: int = 3,
+    pretrained: str = "none",
+    checkpoint: str | None = None,
+    norm: str = "bn",
+    trainable_layers: int = 5,
+) -> resnet.ResNet:
+    """A torchvision ResNet with its weights, band count, normalisation and frozen stages set.
+
+    Args: as :func:`build_resnet_fpn`. Every family with a ResNet encoder builds it here.
+    """
     if depth_name not in RESNETS:
         raise ValueError(f"unknown ResNet {depth_name!r}; choose from {sorted(RESNETS)}")
     if norm not in NORMS:
@@ -74,16 +100,8 @@ def build_resnet_fpn(
         load_backbone_checkpoint(body, checkpoint)
     if in_channels != 3:
         body.conv1 = adapt_stem(body.conv1, in_channels)
-    _freeze(body, trainable_layers)
-    stage_channels = [body.layer1[-1], body.layer2[-1], body.layer3[-1], body.layer4[-1]]
-    in_channels_list = [_block_out_channels(block) for block in stage_channels]
-    return BackboneWithFPN(
-        body,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        in_channels_list=in_channels_list,
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
+    freeze_stages(body, trainable_layers)
+    return body
 
 
 def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -125,7 +143,7 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> None:
     log.info("loaded backbone weights from %s", path)
 
 
-def _freeze(body: nn.Module, trainable_layers: int) -> None:
+def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
     trainable = STAGES[:trainable_layers]
     if trainable_layers == 5:
         trainable = [*trainable, "bn1"]
@@ -134,7 +152,7 @@ def _freeze(body: nn.Module, trainable_layers: int) -> None:
             param.requires_grad_(False)
 
 
-def _block_out_channels(block: nn.Module) -> int:
+def block_out_channels(block: nn.Module) -> int:
     last_conv = block.conv3 if hasattr(block, "conv3") else block.conv2
     return last_conv.out_channels
 

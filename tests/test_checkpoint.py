@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from rsiseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from rsiseg.fileio import remove_stale_temp_files, stale_temp_files
 
 

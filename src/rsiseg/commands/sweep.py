@@ -1,0 +1,86 @@
+"""``rsiseg sweep``: train one config once per value of a key and tabulate the final metrics.
+
+For example accuracy against annotation budget, with ``--key data.points.count --values 50 500 5000``.
+Each run is a normal run directory ``OUT/<key>=<value>``; a run that finished (its
+``metrics.json`` exists) is reused, so an interrupted sweep continues where it stopped. Writes
+``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep.png`` (each metric against the value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from rsiseg.config import apply_overrides, load_config
+from rsiseg.evaluation.metrics import metric_value, percent
+from rsiseg.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for every run")
+    parser.add_argument("--key", required=True, help="the dotted config key to vary, e.g. data.points.count")
+    parser.add_argument("--values", required=True, nargs="+", help="its values (read as YAML: 100, 0.05, null)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder of the runs and the tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rsiseg.engine.trainer import Trainer
+    from rsiseg.tasks import get_task
+
+    out = Path(args.out)
+    configs = [(value, _run_config(args, value, out)) for value in args.values]  # every value checked first
+    rows = []
+    for value, cfg in configs:
+        run_dir = Path(cfg.train.output_dir)
+        if (run_dir / "metrics.json").is_file():
+            log.info("%s=%s: finished run found in %s, reused", args.key, value, run_dir)
+        else:
+            Trainer(cfg, overwrite=True, progress=not args.quiet).fit()
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        names = get_task(cfg.task).metric_names(cfg)
+        rows.append({"value": value, "run": str(run_dir), **{n: metric_value(metrics, n) for n in names}})
+    write_sweep(out, args.key, rows)
+    print((out / "sweep.md").read_text())
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return 0
+
+
+def _run_config(args: argparse.Namespace, value: str, out: Path):
+    name = f"{args.key}={value}".replace("/", "_")
+    return apply_overrides(load_config(args.config, args.overrides),
+                           [f"{args.key}={value}", f"train.output_dir={out / name}"], source=f"sweep {name}")
+
+
+def write_sweep(out: Path, key: str, rows: list[dict[str, Any]]) -> None:
+    """``sweep.json``, a markdown table ``sweep.md`` and the plot ``sweep.png`` of ``rows`` (one per value)."""
+    metrics = [k for k in rows[0] if k not in ("value", "run")]
+    atomic_write(out / "sweep.json", lambda fh: fh.write(json.dumps({"key": key, "runs": rows}, indent=1)))
+    lines = [f"| {key} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines += [f"| {r['value']} | " + " | ".join(percent(r[m]) for m in metrics) + " |" for r in rows]
+    atomic_write(out / "sweep.md", lambda fh: fh.write("\n".join(lines) + "\n"))
+    _plot(out / "sweep.png", key, rows, metrics)
+
+
+def _plot(path: Path, key: str, rows: list[dict[str, Any]], metrics: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [str(r["value"]) for r in rows]
+    for metric in metrics:
+        ax.plot(range(len(rows)), [r[metric] for r in rows], marker="o", label=metric)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set(xlabel=key, ylabel="value", ylim=(0, 1), title=f"final metrics against {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100), binary=True)
+    plt.close(fig)

@@ -1,0 +1,51 @@
+"""The ``instance`` task: COCO instances in, COCO bbox/segm AP out, COCO RLE results exported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsiseg.config import ExperimentConfig
+from rsiseg.data.coco import CocoInstanceDataset
+from rsiseg.data.transforms import build_train_transforms
+from rsiseg.evaluation.coco import PRESETS, format_metrics_table, stat_names
+from rsiseg.inference.predictor import evaluate_model
+
+
+class InstanceTask:
+    """Instance segmentation over COCO JSON files (``data.train_ann``/``data.val_ann``)."""
+
+    name = "instance"
+
+    def metric_names(self, cfg: ExperimentConfig) -> list[str]:
+        max_dets = cfg.eval.max_dets or PRESETS[cfg.eval.preset].max_dets
+        return [f"{iou_type}/{stat}" for iou_type in cfg.eval.iou_types for stat in stat_names(max_dets)]
+
+    def build_datasets(self, cfg: ExperimentConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset | None]:
+        data, channels = cfg.data, cfg.model.in_channels
+        if not data.train_ann or not data.train_images:
+            raise ValueError("data.train_ann and data.train_images must be set to train")
+        train = CocoInstanceDataset(data.train_ann, data.train_images, in_channels=channels, repair=data.repair,
+                                    transforms=build_train_transforms(data, channels), seed=cfg.train.seed)
+        found = len(train.class_names)
+        if found != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {train.index.ann_file} "
+                             f"has {found} categories ({', '.join(train.class_names)})")
+        val = None
+        if data.val_ann:
+            val = CocoInstanceDataset(data.val_ann, data.val_images or data.train_images, in_channels=channels,
+                                      repair=data.repair)
+        return train, val
+
+    def evaluate(self, model: nn.Module, dataset: CocoInstanceDataset, cfg: ExperimentConfig, device: torch.device,
+                 num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+        metrics, _ = evaluate_model(model, dataset, cfg.eval, device, num_workers, progress)
+        return metrics
+
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        return format_metrics_table(metrics)
+
+    def class_record(self, dataset: CocoInstanceDataset) -> dict[str, list]:
+        return {"names": dataset.class_names, "category_ids": dataset.label_to_category}
