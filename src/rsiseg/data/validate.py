@@ -324,8 +324,11 @@ def _fix_annotation(ann: dict[str, Any], img: dict[str, Any] | None, category_id
             actions["dropped annotation: no box and no mask"] += 1
             return None
         ann = {**ann, "bbox": tight}
-        actions["recomputed bbox from mask"] += 1
         kinds = {k for k, _ in annotation_problems(ann, img, category_ids)}
+        if drop := sorted(kinds & _DROP_KINDS):  # e.g. the mask lies wholly outside the image
+            actions[f"dropped annotation: {drop[0]}"] += 1
+            return None
+        actions["recomputed bbox from mask"] += 1
     if "box beyond image border" in kinds:
         x, y, w, h = ann["bbox"]
         x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(W)), min(y + h, float(H))

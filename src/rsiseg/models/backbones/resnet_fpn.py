@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,33 +36,20 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]  # in the order they unfreeze
 
 
-def build_resnet_fpn(
-    depth_name: str,
-    *,
-    in_channels: int = 3,
-    pretrained: str = "none",
-    checkpoint: str | None = None,
-    norm: str = "bn",
-    trainable_layers: int = 5,
-    fpn_channels: int = 256,
-) -> BackboneWithFPN:
+def build_resnet_fpn(depth_name: str, *, fpn_channels: int = 256, **body_options: Any) -> BackboneWithFPN:
     """Build a ResNet-FPN returning ``{"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``.
 
     Args:
         depth_name: one of ``RESNETS`` (``resnet18`` ... ``resnet101``).
-        in_channels: image bands C.
-        pretrained: ``imagenet`` (torchvision download) or ``none``.
-        checkpoint: local ResNet state dict (torchvision key names; ``fc.*`` ignored).
-        norm: ``frozen_bn``, ``bn`` or ``gn``.
-        trainable_layers: how many stages, from ``layer4`` down to ``conv1``, train (0-5).
         fpn_channels: FPN output channels.
+        body_options: ``in_channels``, ``pretrained``, ``checkpoint``, ``norm``, ``trainable_layers``
+            of :func:`build_resnet_body`.
 
     Returns:
         A module mapping ``[B, C, H, W]`` to feature maps of ``fpn_channels`` channels at
         strides 4, 8, 16, 32 and 64, with ``out_channels`` set.
     """
-    body = build_resnet_body(depth_name, in_channels=in_channels, pretrained=pretrained, checkpoint=checkpoint,
-                             norm=norm, trainable_layers=trainable_layers)
+    body = build_resnet_body(depth_name, **body_options)
     stage_channels = [body.layer1[-1], body.layer2[-1], body.layer3[-1], body.layer4[-1]]
     in_channels_list = [block_out_channels(block) for block in stage_channels]
     return BackboneWithFPN(
@@ -84,7 +72,15 @@ def build_resnet_body(
 ) -> resnet.ResNet:
     """A torchvision ResNet with its weights, band count, normalisation and frozen stages set.
 
-    Args: as :func:`build_resnet_fpn`. Every family with a ResNet encoder builds it here.
+    Every family with a ResNet encoder builds it here.
+
+    Args:
+        depth_name: one of ``RESNETS`` (``resnet18`` ... ``resnet101``).
+        in_channels: image bands C.
+        pretrained: ``imagenet`` (torchvision download) or ``none``.
+        checkpoint: local ResNet state dict (torchvision key names; ``fc.*`` ignored).
+        norm: ``frozen_bn``, ``bn`` or ``gn``.
+        trainable_layers: how many stages, from ``layer4`` down to ``conv1``, train (0-5).
     """
     if depth_name not in RESNETS:
         raise ValueError(f"unknown ResNet {depth_name!r}; choose from {sorted(RESNETS)}")
