@@ -164,3 +164,23 @@ def test_predict_keeps_the_georeferencing_of_a_geotiff(semantic_data: Path, tmp_
         assert tuple(tags[33550].value) == scale and tuple(tags[33922].value) == tiepoint
         assert tuple(tags[34735].value) == geokeys
         assert tif.pages[0].shape == rgb.shape[:2] and tif.pages[0].dtype == np.uint8
+
+
+def test_a_classes_json_palette_colours_the_predictions(semantic_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(semantic_data, data)
+    classes = json.loads((data / "classes.json").read_text())
+    palette = [[10 * i + 5, 200 - 10 * i, 40] for i in range(6)]
+    (data / "classes.json").write_text(json.dumps({**classes, "names": [f"c{i}" for i in range(6)],
+                                                   "palette": palette}))
+    run = tmp_path / "run"
+    Trainer(config_from_dict(semantic_config(data, run, max_iters=1)), progress=False).fit()
+    assert load_checkpoint(run / "last.pth")["classes"]["palette"] == palette
+    assert main(["-q", "predict", str(data / "images" / "val"), "--checkpoint", str(run / "last.pth"), "--out",
+                 str(tmp_path / "pred")]) == 0
+    entry = json.loads((tmp_path / "pred" / "images.json").read_text())["images"][0]
+    index = np.asarray(Image.open(tmp_path / "pred" / entry["mask"]))
+    colour = np.asarray(Image.open(tmp_path / "pred" / entry["colour"]).convert("RGB"))
+    assert np.array_equal(colour, np.asarray(palette, dtype=np.uint8)[index])

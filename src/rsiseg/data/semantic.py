@@ -115,15 +115,35 @@ def read_label(path: Path, label_format: str) -> np.ndarray:
 def read_classes_json(labels_dir: Path) -> list[str] | None:
     """Class names from ``classes.json`` (``{"names": [...]}``) in ``labels_dir``, its parent or grandparent
     (``out/labels/train`` finds ``out/classes.json``), if any."""
+    found = _classes_json(labels_dir)
+    if found is None:
+        return None
+    path, content = found
+    names = content.get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: field 'names' must be a list of strings")
+    return names
+
+
+def read_classes_palette(labels_dir: Path) -> list[list[int]] | None:
+    """The optional ``palette`` of that ``classes.json``: one ``[R, G, B]`` per class (checked where it is used)."""
+    found = _classes_json(labels_dir)
+    palette = found[1].get("palette") if found else None
+    if palette is not None and not isinstance(palette, list):
+        raise DataError(f"{found[0]}: field 'palette' must be a list of [R, G, B] colours")
+    return palette
+
+
+def _classes_json(labels_dir: Path) -> tuple[Path, dict] | None:
     for path in (folder / "classes.json" for folder in (labels_dir, labels_dir.parent, labels_dir.parent.parent)):
         if path.is_file():
             try:
-                names = json.loads(path.read_text(encoding="utf-8"))["names"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise DataError(f"{path}: cannot read field 'names' ({type(err).__name__}: {err})") from None
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise DataError(f"{path}: field 'names' must be a list of strings")
-            return names
+                content = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise DataError(f"{path}: not readable JSON ({type(err).__name__}: {err})") from None
+            if not isinstance(content, dict):
+                raise DataError(f"{path}: expected an object with the field 'names'")
+            return path, content
     return None
 
 
@@ -177,6 +197,8 @@ class SemanticDataset(Dataset):
         self.skipped = skipped
         self.label_paths = self._pair_labels() if self.labels_dir is not None else None
         self.class_names = class_names or self._default_class_names()
+        # Colours of the classes for outputs: classes.json's, else chosen by name (see semantic_output.palette_for).
+        self.palette = read_classes_palette(self.labels_dir) if self.labels_dir and label_format == "index" else None
         self._file_points = None  # point-file entries by pair key, so "x_RGB.tif" finds points given for "x_label"
         if points and points.file:
             entries = read_point_file(points.file, self.class_names)

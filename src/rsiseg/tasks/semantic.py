@@ -64,7 +64,7 @@ class SemanticTask:
 
     def class_record(self, dataset: SemanticDataset) -> dict[str, list]:
         return {"names": dataset.class_names, "category_ids": list(range(dataset.num_classes)),
-                "palette": [list(c) for c in palette_for(dataset.class_names)]}
+                "palette": [list(c) for c in palette_for(dataset.class_names, dataset.palette)]}
 
     def results_figures(self, model: nn.Module, dataset: SemanticDataset, cfg: ExperimentConfig,
                         device: torch.device, out: Path, count: int = 4) -> list[Path]:
@@ -74,7 +74,7 @@ class SemanticTask:
         the model was trained with.
         """
         pointed = self.dataset(cfg, str(dataset.images_dir), str(dataset.labels_dir), train=True)
-        palette = palette_for(dataset.class_names)
+        palette = palette_for(dataset.class_names, dataset.palette)
         written = []
         for idx in range(min(count, len(dataset))):
             image, target = dataset[idx]
