@@ -8,6 +8,7 @@ previous run is replaced only with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,18 +159,12 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
     loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
     categories, label_to_category = _categories(loaded, args, coco)
-    created, staging = make_dirs(out), None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=".tmp", dir=out))
+    with staged_outputs(out) as staging:
         results, entries = _predict_all(found, loaded, label_to_category, staging, args)
         images_json = {"images": entries, "categories": categories, "score_threshold": args.score_threshold,
                        "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}
         write_coco_results(results, staging / "predictions.json")
         (staging / "images.json").write_text(json.dumps(images_json, indent=1))
-        publish_outputs(staging, out)
-    except BaseException:
-        discard_outputs(staging, created)
-        raise
     _report(results, entries, found.skipped, args.score_threshold)
     print(f"wrote {out / 'predictions.json'}, {out / 'images.json'}"
           + ("" if args.no_overlays else f" and {out / 'overlays'}/"))
@@ -296,14 +292,31 @@ def _examples(skipped: list[tuple[Path, str]], show: int = 3) -> str:
     return text + (f"; and {len(skipped) - show} more (listed in images.json)" if len(skipped) > show else "")
 
 
-def make_dirs(folder: Path) -> list[Path]:
+@contextlib.contextmanager
+def staged_outputs(out: Path, outputs: tuple[str, ...] = OUTPUTS) -> Iterator[Path]:
+    """A staging folder inside ``out`` for a run's ``outputs``, moved into place only when the block succeeds.
+
+    On any error (Ctrl-C included) the staged files and the folders this run created are removed,
+    leaving nothing partial and the previous run's outputs untouched.
+    """
+    created, staging = _make_dirs(out), None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=".tmp", dir=out))
+        yield staging
+        _publish(staging, out, outputs)
+    except BaseException:
+        _discard(staging, created)
+        raise
+
+
+def _make_dirs(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; returns the created ones, deepest first."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     return missing
 
 
-def publish_outputs(staging: Path, out: Path, outputs: tuple[str, ...] = OUTPUTS) -> None:
+def _publish(staging: Path, out: Path, outputs: tuple[str, ...]) -> None:
     """Replace the previous run's ``outputs`` in ``out`` by the staged ones, then remove ``staging``."""
     for name in outputs:
         old = out / name
@@ -313,7 +326,7 @@ def publish_outputs(staging: Path, out: Path, outputs: tuple[str, ...] = OUTPUTS
     staging.rmdir()
 
 
-def discard_outputs(staging: Path | None, created: list[Path]) -> None:
+def _discard(staging: Path | None, created: list[Path]) -> None:
     """Remove the staged outputs and the folders this run created, leaving nothing partial."""
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)

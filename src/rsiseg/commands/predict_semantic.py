@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,8 @@ from rsiseg.commands.predict import (
     check_out_folder,
     collect_images,
     decode_or_skip,
-    discard_outputs,
-    make_dirs,
-    publish_outputs,
     report_skipped,
+    staged_outputs,
 )
 from rsiseg.data.io import match_bands, to_unit_float
 from rsiseg.data.semantic import resize_image
@@ -49,17 +46,11 @@ def run_semantic_predict(args: argparse.Namespace, state: dict[str, Any]) -> int
     found = collect_images(args.inputs, None, None, args.limit, args.strict)
     loaded = model_from_state(state, args.device, source=args.checkpoint)
     palette = palette_for(loaded.class_names, state.get("classes", {}).get("palette"))
-    created, staging = make_dirs(out), None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".tmp", dir=out))
+    with staged_outputs(out, OUTPUTS) as staging:
         entries = _predict_all(found, loaded, palette, staging, args.quiet)
         (staging / "images.json").write_text(json.dumps(
             {"images": entries, "classes": loaded.class_names, "palette": [list(c) for c in palette],
              "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}, indent=1))
-        publish_outputs(staging, out, OUTPUTS)
-    except BaseException:
-        discard_outputs(staging, created)
-        raise
     print(f"{len(entries)} images segmented into {len(loaded.class_names)} classes; wrote {out / 'masks'}/, "
           f"{out / 'colour'}/ and {out / 'images.json'}")
     report_skipped(found.skipped)
