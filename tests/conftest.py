@@ -57,3 +57,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(synth_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A checkpoint of the untrained tiny model on the synthetic classes: its scores are low, most below 0.3."""
+    from rsiseg.checkpoint import save_checkpoint
+    from rsiseg.config import to_dict
+    from rsiseg.models.registry import build_model
+
+    cfg = config_from_dict(tiny_config_dict(synth_data, tmp_path_factory.mktemp("run")))
+    torch.manual_seed(0)
+    categories = json.loads(Path(synth_data["val"]).read_text())["categories"]
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_checkpoint({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg),
+                     "classes": {"names": [c["name"] for c in categories],
+                                 "category_ids": [c["id"] for c in categories]}}, path)
+    return str(path)

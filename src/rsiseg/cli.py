@@ -1,4 +1,4 @@
-"""The ``rsiseg`` command line: ``train``, ``eval``, ``predict`` and ``data``.
+"""The ``rsiseg`` command line: ``train``, ``eval``, ``predict``, ``data`` and the model tools.
 
 Each subcommand imports its heavy modules only when it runs, so ``--help`` is instant.
 """
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rsiseg import __version__
+from rsiseg.commands.argtypes import IncreasingInts, int_in_range, unit_float
 
 EPILOG = """examples:
   rsiseg data synth --out data/synth --images 200 --size 256 --seed 0
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_predict(sub)
     _add_sweep(sub)
+    for name, help_text in MODULE_COMMANDS:
+        _add_module_command(sub, name, help_text)
     _add_data(sub)
     return parser
 
@@ -95,6 +98,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--overwrite", action="store_true",
                       help="replace a previous run in train.output_dir (without it such a folder is refused)")
     p.set_defaults(handler=_run_train)
+
+
+# Subcommands whose parser and body both live in rsiseg/commands/<name>.py (``add_arguments``, ``run``).
+MODULE_COMMANDS = [
+    ("info", "parameters by component, model size, FLOPs, FPS and peak memory of a config's model"),
+    ("anchors", "anchor recall of a dataset's boxes, a k-means suggestion and an optuna search (table + YAML)"),
+    ("overfit", "train on K images until the model fits them; ground truth next to predictions (a debugging aid)"),
+    ("explain", "Grad-CAM of each detected instance's class score on a backbone or FPN level, as overlays"),
+]
+
+
+def _add_module_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    module = importlib.import_module(f"rsiseg.commands.{name}")  # light at import: heavy imports wait for run()
+    p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(handler=module.run)
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
@@ -165,43 +185,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int_in_range(1), default=2, help="images per forward pass (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(handler=_run_predict)
-
-
-def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type``: an integer in ``[low, high]``; argparse names the option when it is not."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {f'>= {low}' if high is None else f'in {low}..{high}'}, "
-                                             f"got {value}")
-        return value
-
-    return parse
-
-
-def unit_float(text: str) -> float:
-    """An argparse ``type``: a number in [0, 1] (a score or IoU threshold)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-class IncreasingInts(argparse.Action):
-    """Store ``nargs`` integers that must strictly increase (COCO ``maxDets``)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[int],
-                 option_string: str | None = None) -> None:
-        if any(b <= a for a, b in zip(values, values[1:])):
-            parser.error(f"argument {option_string}: must increase, e.g. 1 10 100; got {' '.join(map(str, values))}")
-        setattr(namespace, self.dest, list(values))
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -72,6 +72,9 @@ class DataConfig:
     color_jitter: float = 0.0  # strength of brightness/contrast(/saturation/hue) jitter; 0 = off
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale, ratio kept
     max_size: int | None = None  # resize (ratio kept) so the longest side is at most this
+    # Training-set filters (the iSAID report's): both drop images, counted in the log; null = off.
+    max_instances: int | None = None  # leave out training images holding more instances than this
+    max_empty_fraction: float | None = None  # keep this share of the images without instances (iSAID: 0.3)
     # The semantic task: dense label maps paired with the images by name (see rsiseg.data.semantic).
     train_labels: str | None = None  # folder of label maps for train_images
     val_labels: str | None = None  # dense labels of the validation images (metrics are dense)
@@ -89,6 +92,19 @@ class SegConfig:
     focal_gamma: float = 2.0  # focal term of the partial cross-entropy; 0 = plain cross-entropy
     class_weights: str | None = None  # JSON written by `rsiseg data class-weights`; null = unweighted
     ignore_index: int = 255  # label value of unlabelled pixels
+
+
+@dataclass
+class AttentionConfig:
+    """``model.attention``: the attention Mask R-CNN family (``maskrcnn_effb0_cbam``, the iSAID report's model)."""
+
+    cbam_reduction: int = 16  # CBAM channel-MLP reduction
+    cbam_kernel: int = 7  # CBAM spatial-attention kernel
+    box_head_dim: int = 1024  # width of the two FC layers of the box head
+    box_dropout: float = 0.3  # dropout between the FC layers and before the predictors
+    mask_convs: int = 4  # 3x3 conv-BN-ReLU layers of the residual mask head
+    backbone_drop_path: float = 0.0  # timm drop_path_rate of the EfficientNet blocks
+    c5_head_conv: bool = True  # C5 = the 1280-channel head conv (the report's 24.3 M); false: the 320-channel stage
 
 
 @dataclass
@@ -126,6 +142,7 @@ class ModelConfig:
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100  # up to 1000 for dense scenes
     seg: SegConfig = field(default_factory=SegConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
 
 @dataclass
@@ -153,6 +170,7 @@ class TrainConfig:
     plateau_mode: str = "max"
     plateau_factor: float = 0.1
     plateau_patience: int = 2
+    plateau_min_lr: float = 0.0  # ReduceLROnPlateau's floor
     amp: bool = True  # mixed precision, used on CUDA only
     grad_clip: float | None = None  # max gradient norm
     eval_interval: int = 1  # epochs between evaluations (0 = only at the end)
@@ -162,6 +180,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_interval: int = 20  # iterations between log lines (losses, lr, s/iter, ETA)
     tensorboard: bool = True
+    wandb: bool = False  # also log the scalars to Weights & Biases (pip extra `wandb`; WANDB_MODE=offline honoured)
+    wandb_project: str = "rsiseg"
     time_budget: float | None = None  # minutes of training per invocation, then checkpoint + final eval; null = off
 
 
@@ -291,6 +311,12 @@ RULES: dict[str, Check] = {
     "data.scale_range": _rule(lambda v: len(v) == 2 and 0 < v[0] <= v[1],
                               "must be two positive numbers [low, high] with low <= high"),
     "data.max_size": _optional(_POSITIVE, "no resize"),
+    "data.max_instances": _optional(_POSITIVE, "no limit"),
+    "data.max_empty_fraction": _optional(_FRACTION, "keep every empty image"),
+    **{f"model.attention.{k}": _POSITIVE for k in ("cbam_reduction", "box_head_dim", "mask_convs")},
+    "model.attention.cbam_kernel": _rule(lambda v: v > 0 and v % 2 == 1, "must be a positive odd number"),
+    "model.attention.box_dropout": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.attention.backbone_drop_path": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
     **{f"model.{k}": _POSITIVE for k in ("num_classes", "in_channels", "fpn_channels", "min_size", "max_size",
                                          "rpn_batch_size_per_image", "roi_batch_size_per_image",
                                          "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
@@ -322,6 +348,8 @@ RULES: dict[str, Check] = {
     "train.step_gamma": _POSITIVE,
     "train.plateau_mode": _one_of(("max", "min")),
     "train.plateau_factor": _rule(lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "train.plateau_min_lr": _NON_NEGATIVE,
+    "train.wandb_project": _rule(lambda v: bool(v.strip()), "must name a project"),
     "train.grad_clip": _optional(_POSITIVE, "no clipping"),
     "train.device": _rule(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
                           "must be auto, cpu, cuda, cuda:N or mps"),

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from rsiseg.data.coco_index import DataError, DataReport
+from rsiseg.data.filters import draw_kept_share
 from rsiseg.data.io import TIFF_SUFFIXES, image_size, is_band_first
 from rsiseg.masks import InstanceMasks
 
@@ -237,7 +236,7 @@ def split_coco(
 
     if max_empty_fraction is not None:
         empty = [(i, j) for i, ps in enumerate(plans) for j, p in enumerate(ps) if not p.anns]
-        keep = set(random.Random(seed).sample(empty, int(math.floor(max_empty_fraction * len(empty)))))
+        keep = set(draw_kept_share(empty, max_empty_fraction, seed))
         for i, j in empty:
             if (i, j) not in keep:
                 report.add("empty patch dropped", _patch_name(plans[i][j].scene["file_name"], plans[i][j].window, stems))

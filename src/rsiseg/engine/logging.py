@@ -1,10 +1,17 @@
-"""Run logs: ``metrics.jsonl`` (one JSON object a line), TensorBoard scalars, a curves PNG and log lines."""
+"""Run logs: ``metrics.jsonl`` (one JSON object a line), TensorBoard and optional W&B scalars, a curves PNG
+and log lines.
+
+Weights & Biases is an optional extra: it is imported only when a run asks for it
+(``train.wandb: true``), and ``WANDB_MODE=offline`` or ``WANDB_DISABLED`` are left for wandb
+itself to honour.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +22,34 @@ log = logging.getLogger(__name__)
 # The evaluation statistics plotted by default, whatever the task: AP and AP50 of each instance IoU type,
 # the semantic task's accuracy and mIoU.
 CURVE_STATS = ("AP", "AP50", "accuracy", "mIoU")
+# The W&B run id of a run directory: a resumed run continues the same W&B run.
+WANDB_ID_FILE = "wandb_id.txt"
+WANDB_INSTALL_HINT = "install the extra with `uv sync --extra wandb` (or `pip install 'rsiseg[wandb]'`)"
 
 
 class RunLogger:
-    """Appends records to ``metrics.jsonl`` and mirrors their numbers to TensorBoard.
+    """Appends records to ``metrics.jsonl`` and mirrors their numbers to TensorBoard and, optionally, W&B.
 
     Each record has ``kind`` (``train`` or ``eval``), ``iteration`` and ``epoch`` plus numbers.
     A resumed run appends to the same file after dropping records past the resume point.
+    TensorBoard and W&B get the same scalars: tag ``<kind>/<name>``, step ``iteration``.
+
+    Args:
+        run_dir: the run directory.
+        tensorboard: write TensorBoard scalars to ``run_dir/tensorboard``.
+        resume_iteration: the iteration a resumed run continues from; None starts afresh.
+        wandb_project: log to this W&B project as well (None: W&B is not imported). The W&B run
+            is named after ``run_dir``, keeps its files in ``run_dir/wandb`` and its id in
+            ``run_dir/wandb_id.txt``, so a resumed run continues the same W&B run (W&B drops
+            steps it already holds, those past the checkpoint that was resumed from).
+        config: the resolved experiment config, recorded as the W&B run's config.
+
+    Raises:
+        ImportError: ``wandb_project`` is set but wandb is not installed (the message says how to install it).
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_iteration: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_iteration: int | None = None,
+                 wandb_project: str | None = None, config: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -32,19 +57,29 @@ class RunLogger:
                                                      if r["iteration"] <= resume_iteration]
         atomic_write(self.path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept)))
         self.writer = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
+        self.wandb_run = None
+        if wandb_project is not None:
+            self.wandb_run = _wandb_run(self.run_dir, wandb_project, config or {}, resume=resume_iteration is not None)
 
     def write(self, kind: str, iteration: int, epoch: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "iteration": iteration, "epoch": epoch, **values}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        scalars = {f"{kind}/{key}": value for key, value in values.items() if isinstance(value, (int, float))}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{key}", value, iteration)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+        if self.wandb_run is not None and scalars:
+            self.wandb_run.log(scalars, step=iteration)
 
     def close(self) -> None:
+        """Flush and close the writers; a second call does nothing (Ctrl-C paths may close twice)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -116,6 +151,24 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, metric_keys: lis
     fig.tight_layout()
     atomic_write(out_path, lambda handle: fig.savefig(handle, format="png", dpi=100), binary=True)
     plt.close(fig)
+
+
+def _wandb_run(run_dir: Path, project: str, config: dict[str, Any], resume: bool):
+    """Start (or, with ``resume`` and a stored id, continue) the W&B run of ``run_dir``."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(f"train.wandb is true but wandb is not installed: {WANDB_INSTALL_HINT}, "
+                          "or set train.wandb=false") from None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
+    if not run_id:
+        # W&B's own ids are 8 characters of [a-z0-9]; a fresh or overwritten run gets a new one.
+        run_id = secrets.token_hex(4)
+        atomic_write(id_file, lambda fh: fh.write(run_id + "\n"))
+    # No mode= here: WANDB_MODE=offline and WANDB_DISABLED are for wandb itself to read.
+    return wandb.init(project=project, name=run_dir.resolve().name, dir=str(run_dir), config=config, id=run_id,
+                      resume="allow")
 
 
 def _tensorboard_writer(path: Path):

@@ -67,7 +67,8 @@ class LRSchedule:
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+                optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                min_lr=cfg.plateau_min_lr,
             )
             if cfg.scheduler == "plateau"
             else None

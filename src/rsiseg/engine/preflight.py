@@ -8,6 +8,7 @@ otherwise surface after an epoch of training, or silently destroy earlier result
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 
 from rsiseg.checkpoint import load_checkpoint
-from rsiseg.config import ConfigError, ExperimentConfig, ModelConfig, to_dict
+from rsiseg.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, to_dict
+from rsiseg.engine.logging import WANDB_ID_FILE, WANDB_INSTALL_HINT
 from rsiseg.fileio import remove_path, remove_stale_temp_files
 from rsiseg.models.registry import MODELS
 from rsiseg.tasks import get_task
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # What a run writes into train.output_dir; --overwrite removes exactly these.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pth", "best.pth", "metrics.json", "best_metrics.json",
-             "curves.png", "tensorboard")
+             "curves.png", "tensorboard", "wandb", WANDB_ID_FILE)
 # Their presence means the folder holds a previous run.
 RUN_MARKERS = ("last.pth", "metrics.jsonl")
 
@@ -53,6 +55,7 @@ def preflight(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = Fal
     check_metric_names(cfg)
     check_device(cfg.train.device)
     check_backbone_checkpoint(cfg.model)
+    check_wandb(cfg.train)
     run_dir = Path(cfg.train.output_dir)
     check_writable(run_dir)
     if resume:
@@ -87,6 +90,19 @@ def check_device(name: str) -> None:
                               f"CUDA device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("train.device = 'mps' but MPS is not available here; use auto or cpu")
+
+
+def check_wandb(train: TrainConfig) -> None:
+    """``train.wandb`` needs the optional ``wandb`` package; it is looked up, not imported (that takes seconds)."""
+    if not train.wandb:
+        return
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module in sys.modules without a spec: it imports
+        found = True
+    if not found:
+        raise ConfigError(f"train.wandb is true but the wandb package is not installed: {WANDB_INSTALL_HINT}, "
+                          "or set train.wandb=false")
 
 
 def check_backbone_checkpoint(model: ModelConfig) -> None:

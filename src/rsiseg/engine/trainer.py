@@ -105,7 +105,8 @@ class Trainer:
         prepare_run_dir(self.run_dir, overwrite)
         if not resume:
             dump_config(cfg, self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, cfg.train.tensorboard, self.iteration if resume else None)
+        self.logger = RunLogger(self.run_dir, cfg.train.tensorboard, self.iteration if resume else None,
+                                cfg.train.wandb_project if cfg.train.wandb else None, to_dict(cfg))
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or the time budget) and return the last evaluation metrics.

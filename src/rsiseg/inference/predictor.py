@@ -66,7 +66,7 @@ def model_from_state(
     if overrides:
         raw = {**raw, "model": {**raw["model"], **overrides}}
     cfg = config_from_dict(raw, source=f"{source} (stored config)")
-    model = build_model(_without_initial_weights(cfg.model))
+    model = build_model(without_initial_weights(cfg.model))
     model.load_state_dict(state["model"])
     dev = select_device(device)
     model.to(dev).eval()
@@ -76,7 +76,7 @@ def model_from_state(
     return LoadedModel(model, cfg, list(names), list(category_ids), dev)
 
 
-def _without_initial_weights(cfg: ModelConfig) -> ModelConfig:
+def without_initial_weights(cfg: ModelConfig) -> ModelConfig:
     """``cfg`` without the files that only initialise training: the checkpoint holds every weight.
 
     A checkpoint must load on a machine without the ImageNet download, the backbone file or the

@@ -13,6 +13,7 @@ from torch import nn
 
 from rsiseg.config import ModelConfig
 from rsiseg.models import mask_rcnn
+from rsiseg.models.attention_rcnn import model as attention_rcnn
 from rsiseg.models.semantic import seg_resnet
 
 
@@ -26,6 +27,7 @@ MODELS: dict[str, ModelEntry] = {
     "maskrcnn_r34_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r34_fpn, ("instance",)),
     "maskrcnn_r50_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r50_fpn, ("instance",)),
     "maskrcnn_r101_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r101_fpn, ("instance",)),
+    "maskrcnn_effb0_cbam": ModelEntry(attention_rcnn.build_maskrcnn_effb0_cbam, ("instance",)),
     "seg_resnet18": ModelEntry(seg_resnet.build_seg_resnet18, ("semantic",)),
 }
 

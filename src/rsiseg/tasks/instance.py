@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,9 +10,12 @@ from torch import nn
 
 from rsiseg.config import ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
+from rsiseg.data.filters import filter_training_images
 from rsiseg.data.transforms import build_train_transforms
 from rsiseg.evaluation.coco import PRESETS, format_metrics_table, stat_names
 from rsiseg.inference.predictor import evaluate_model
+
+log = logging.getLogger(__name__)
 
 
 class InstanceTask:
@@ -29,6 +33,8 @@ class InstanceTask:
             raise ValueError("data.train_ann and data.train_images must be set to train")
         train = CocoInstanceDataset(data.train_ann, data.train_images, in_channels=channels, repair=data.repair,
                                     transforms=build_train_transforms(data, channels), seed=cfg.train.seed)
+        if data.max_instances is not None or data.max_empty_fraction is not None:
+            log.info(filter_training_images(train.index, data.max_instances, data.max_empty_fraction, cfg.train.seed))
         found = len(train.class_names)
         if found != cfg.model.num_classes:
             raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {train.index.ann_file} "

@@ -6,19 +6,16 @@ are adapted by averaging the RGB filters), three normalisations, and local weigh
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-log = logging.getLogger(__name__)
+from rsiseg.models.backbones.weights import adapt_stem, load_backbone_checkpoint
 
 RESNETS: dict[str, tuple[Callable[..., resnet.ResNet], object]] = {
     "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
@@ -93,50 +90,11 @@ def build_resnet_body(
     factory, weights = RESNETS[depth_name]
     body = factory(weights=weights if pretrained == "imagenet" else None, norm_layer=NORMS[norm])
     if checkpoint:
-        load_backbone_checkpoint(body, checkpoint)
+        load_backbone_checkpoint(body, checkpoint, ignore_prefixes=("fc.",))
     if in_channels != 3:
         body.conv1 = adapt_stem(body.conv1, in_channels)
     freeze_stages(body, trainable_layers)
     return body
-
-
-def adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """A stem conv for ``in_channels`` bands initialised from the RGB one.
-
-    Each new band gets the mean RGB filter scaled by ``3 / in_channels``, so that an image
-    with equal bands yields the same activations as the RGB stem on a grey image.
-    """
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
-    with torch.no_grad():
-        mean_filter = conv.weight.mean(dim=1, keepdim=True)
-        new.weight.copy_(mean_filter.repeat(1, in_channels, 1, 1) * (3.0 / in_channels))
-    return new
-
-
-def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> None:
-    """Load local ResNet weights (a state dict, or a dict holding one under ``model``/``state_dict``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model.backbone_checkpoint: file not found: {path}") from None
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"model.backbone_checkpoint {path}: not a weights-only torch checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"model.backbone_checkpoint {path}: expected a state dict, got {type(state).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: backbone checkpoint does not fit: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-        )
-    log.info("loaded backbone weights from %s", path)
 
 
 def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
