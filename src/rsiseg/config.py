@@ -70,6 +70,7 @@ class DataConfig:
     vflip: float = 0.5
     rot90: float = 0.5
     color_jitter: float = 0.0  # strength of brightness/contrast(/saturation/hue) jitter; 0 = off
+    jitter_saturation_hue: bool = True  # RGB: jitter saturation and hue too (false: brightness/contrast only)
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale, ratio kept
     max_size: int | None = None  # resize (ratio kept) so the longest side is at most this
     # Training-set filters (the iSAID report's): both drop images, counted in the log; null = off.

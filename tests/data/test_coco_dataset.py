@@ -227,3 +227,14 @@ def test_duplicate_annotation_ids(tmp_path: Path) -> None:
     path = write_dataset(tmp_path, [_ann(id=3), _ann(id=3)])
     with pytest.raises(DataError, match="duplicate annotation id 3"):
         CocoInstanceDataset(path, tmp_path / "img")
+
+
+def test_jitter_can_leave_saturation_and_hue_alone() -> None:
+    """``jitter_saturation_hue: false`` (the iSAID report's jitter) uses brightness and contrast only."""
+    import albumentations as A
+
+    plain = build_train_transforms(DataConfig(hflip=0, vflip=0, rot90=0, color_jitter=0.2,
+                                              jitter_saturation_hue=False), 3)
+    full = build_train_transforms(DataConfig(hflip=0, vflip=0, rot90=0, color_jitter=0.2), 3)
+    assert isinstance(plain.photometric.transforms[0], A.RandomBrightnessContrast)
+    assert isinstance(full.photometric.transforms[0], A.ColorJitter)

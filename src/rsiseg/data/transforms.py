@@ -129,7 +129,7 @@ def build_train_transforms(cfg: DataConfig, bands: int) -> TrainTransforms | Non
     photometric = None
     if cfg.color_jitter > 0:
         s = cfg.color_jitter
-        if bands == 3:
+        if bands == 3 and cfg.jitter_saturation_hue:
             op = A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4), p=0.8)
         else:  # ColorJitter is defined for RGB only; brightness/contrast work for any band count
             op = A.RandomBrightnessContrast(brightness_limit=s, contrast_limit=s, p=0.8)
