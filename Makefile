@@ -21,9 +21,9 @@ install: .venv/.synced
 
 demo: install
 	$(PY) -m rsiseg data synth --out $(DEMO_DIR)/data --images 160 --size 256 --seed 0
-	$(PY) -m rsiseg train configs/demo_synth.yaml train.output_dir=$(DEMO_DIR)/train
+	$(PY) -m rsiseg train configs/demo_synth.yaml train.output_dir=$(DEMO_DIR)/train --overwrite
 	$(PY) -m rsiseg eval --checkpoint $(DEMO_DIR)/train/best.pth --out $(DEMO_DIR)/eval
-	$(PY) -m rsiseg predict --checkpoint $(DEMO_DIR)/train/best.pth --out $(DEMO_DIR)/predict \
+	$(PY) -m rsiseg predict --checkpoint $(DEMO_DIR)/train/best.pth --out $(DEMO_DIR)/predict --overwrite \
 		--from-coco $(DEMO_DIR)/data/annotations/instances_val.json --images $(DEMO_DIR)/data/images --limit 4
 	$(PY) tools/demo_check.py $(DEMO_DIR) --min-bbox-ap50 0.5
 
