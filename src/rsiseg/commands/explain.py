@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _explain_all(loaded: LoadedModel, args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from rsiseg.commands.predict import check_out_folder, collect_images, decode_or_skip, report_skipped, staged_outputs
     from rsiseg.data.io import match_bands, to_unit_float
+    from rsiseg.data.loader import to_chw_tensor
     from rsiseg.tools.gradcam import instance_cams
 
     out = Path(args.out)
@@ -102,7 +102,7 @@ def _explain_all(loaded: LoadedModel, args: argparse.Namespace) -> int:
             if array is None:
                 continue
             array = to_unit_float(match_bands(array, loaded.config.model.in_channels, item.path))
-            image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+            image = to_chw_tensor(array)
             detections, cams = instance_cams(loaded.model, image.to(loaded.device), args.layer,
                                              score_threshold=args.score_threshold, max_instances=args.max_instances)
             entries.append({"file_name": str(item.path), "layer": args.layer,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
 from rsiseg.commands.argtypes import int_in_range
@@ -106,11 +105,12 @@ def default_input_size(cfg: ExperimentConfig) -> tuple[int, int]:
 def _notes(cfg: ExperimentConfig, size: tuple[int, int], source: str) -> list[str]:
     notes = [f"model from {source}, built without pretrained or backbone weight files"]
     if cfg.task == "instance":
+        from rsiseg.tools.anchor_boxes import ResizeRule
+
         height, width = size
-        # torchvision's GeneralizedRCNNTransform: one scale for both sides, bounded by min_size and max_size.
-        scale = min(cfg.model.min_size / min(height, width), cfg.model.max_size / max(height, width))
-        notes.append(f"the detector resizes this {height} x {width} image to about {math.floor(height * scale)} x "
-                     f"{math.floor(width * scale)} (model.min_size {cfg.model.min_size}, max_size "
+        resized = ResizeRule(cfg.model.min_size, cfg.model.max_size).resized_shape(height, width)
+        notes.append(f"the detector resizes this {height} x {width} image to {resized[0]} x "
+                     f"{resized[1]} (model.min_size {cfg.model.min_size}, max_size "
                      f"{cfg.model.max_size}) before its backbone; its RoI-head FLOPs and time grow with the "
                      "detections kept")
     return notes

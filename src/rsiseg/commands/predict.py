@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from rsiseg.checkpoint import load_checkpoint
@@ -35,6 +34,7 @@ from rsiseg.data.io import (
     read_image,
     to_unit_float,
 )
+from rsiseg.data.loader import to_chw_tensor
 from rsiseg.fileio import remove_path
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
@@ -236,7 +236,7 @@ def _predict_all(
             if array is not None:
                 array = to_unit_float(match_bands(array, loaded.config.model.in_channels, item.path))
                 batch.append(item)
-                tensors.append(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))))
+                tensors.append(to_chw_tensor(array))
         if not batch:
             continue
         for item, image, pred in zip(batch, tensors, predict_images(loaded.model, tensors, loaded.device)):

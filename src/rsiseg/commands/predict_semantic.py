@@ -28,6 +28,7 @@ from rsiseg.commands.predict import (
     staged_outputs,
 )
 from rsiseg.data.io import match_bands, to_unit_float
+from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.semantic import resize_image
 from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_images
 from rsiseg.inference.semantic_output import colorize, is_georeferenced, palette_for, write_index_mask
@@ -91,7 +92,7 @@ def segment(loaded: LoadedModel, image: np.ndarray, size: int | None) -> np.ndar
     height, width = image.shape[:2]
     if size:
         image = resize_image(image, size)
-    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    tensor = to_chw_tensor(image)
     probs = predict_images(loaded.model, [tensor], loaded.device)[0]["probs"]
     if probs.shape[-2:] != (height, width):
         probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]

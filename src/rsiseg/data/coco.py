@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from rsiseg.data.coco_index import CocoIndex, DataError, load_coco_index
 from rsiseg.data.io import ImageReadError, match_bands, read_image, to_unit_float
+from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.transforms import TrainTransforms
 from rsiseg.masks import InstanceMasks
 
@@ -111,7 +112,7 @@ class CocoInstanceDataset(Dataset):
         info = self.index.images[idx]
         image = self.load_image(idx)
         if not self.load_targets:
-            return _to_chw(image), {"image_id": torch.tensor(info["id"])}
+            return to_chw_tensor(image), {"image_id": torch.tensor(info["id"])}
         anns = [a for a in self.index.anns_by_image[info["id"]] if not a["iscrowd"]]
         masks = self._masks(anns, info)
         labels = torch.tensor([self._cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
@@ -120,7 +121,7 @@ class CocoInstanceDataset(Dataset):
         keep = masks.areas() > 0  # instances an augmentation moved out of view or shrank to nothing
         masks = masks[keep]
         target = {"boxes": masks.boxes(), "labels": labels[keep], "masks": masks, "image_id": torch.tensor(info["id"])}
-        return _to_chw(image), target
+        return to_chw_tensor(image), target
 
     def _masks(self, anns: list[dict[str, Any]], info: dict[str, Any]) -> InstanceMasks:
         """Compact masks of ``anns``; an annotation with no mask pixels falls back to its box."""
@@ -137,8 +138,3 @@ class CocoInstanceDataset(Dataset):
         for i, filled in zip(empty, InstanceMasks.from_boxes(boxes, height, width).instances):
             instances[i] = filled
         return InstanceMasks(instances, height, width)
-
-
-def _to_chw(image: np.ndarray) -> torch.Tensor:
-    """``float32 [H, W, C]`` -> contiguous ``[C, H, W]`` tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

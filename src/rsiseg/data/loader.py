@@ -1,10 +1,11 @@
-"""What every task's data loading shares: the worker count and the list collate."""
+"""What every task's data loading shares: the worker count, the list collate and the image tensor layout."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -22,3 +23,8 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torc
     """Keep images and targets as lists: detection images differ in size, and targets hold non-tensors."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """An ``[H, W, C]`` array (float32 in [0, 1] for the models) as a contiguous ``[C, H, W]`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -30,6 +30,7 @@ from rsiseg.data.coco_index import DataError
 from rsiseg.data.converters.potsdam import POTSDAM_CLASSES, rgb_to_index
 from rsiseg.data.io import TIFF_SUFFIXES, ImageReadError, check_image_header, match_bands, read_image, to_unit_float
 from rsiseg.data.io import image_size as header_size
+from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.points import check_points_inside, count_for, point_label_map, read_point_file, sample_points
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", *TIFF_SUFFIXES}
@@ -326,7 +327,7 @@ class SemanticDataset(Dataset):
         target = {"image_id": torch.tensor(idx, dtype=torch.int64)}
         if labels is not None:
             target["labels"] = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+        return to_chw_tensor(image), target
 
     def _augment(self, image: np.ndarray, labels: np.ndarray | None, seed: int
                  ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -82,12 +82,11 @@ class ComponentCount(NamedTuple):
 
 
 def _get_path(model: nn.Module, path: str) -> nn.Module | None:
-    module: Any = model
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module if isinstance(module, nn.Module) else None
+    """The submodule at a dotted ``path``, or None when the model has none there."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _layout_rows(model: nn.Module) -> tuple[list[tuple[str, list[str]]], bool]:
