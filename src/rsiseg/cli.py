@@ -106,6 +106,8 @@ MODULE_COMMANDS = [
     ("anchors", "anchor recall of a dataset's boxes, a k-means suggestion and an optuna search (table + YAML)"),
     ("overfit", "train on K images until the model fits them; ground truth next to predictions (a debugging aid)"),
     ("explain", "Grad-CAM of each detected instance's class score on a backbone or FPN level, as overlays"),
+    ("prompt", "a mask, a class and a score for each user box on an image (box prompts)"),
+    ("ablate", "train and evaluate a prompt config's variants (baseline, lpm, gpm, parea, all): Table II"),
 ]
 
 
@@ -149,6 +151,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="model class names that the data names differently, e.g. boat=ship")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <checkpoint or predictions folder>/eval)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--prompt-missed", action="store_true",
+                   help="instead of the plain evaluation, give the ground-truth boxes of the instances the model "
+                   "missed as box prompts and report AP before and after (Insight Any Instance, Table XI); "
+                   "writes missed_prompts.json and missed_prompts.md")
+    p.add_argument("--missed-iou", type=unit_float, default=0.5, metavar="IOU",
+                   help="an instance is missed when no same-class detection scoring >= 0.05 has this box IoU "
+                   "with it (default 0.5)")
     p.set_defaults(handler=_run_eval)
 
 

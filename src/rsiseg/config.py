@@ -109,6 +109,41 @@ class AttentionConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """``model.cascade``: the Cascade Mask R-CNN box stages (``cascade_maskrcnn_*``)."""
+
+    stage_ious: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])  # foreground IoU of each stage
+    stage_box_weights: list[list[float]] = field(  # box-coder weights (wx, wy, ww, wh) of each stage
+        default_factory=lambda: [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]])
+    stage_loss_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+
+
+@dataclass
+class PromptConfig:
+    """``model.prompt``: the Insight Any Instance prompt paradigm (``*_prompt`` models); every part is a switch.
+
+    With ``lpm`` and ``gpm`` off, ``parea_weight`` 0 and ``gt_prompt_ratio`` 0 the model is its baseline.
+    """
+
+    lpm: bool = True  # local prompt module: image crop per box, patch tokens + learnable-FFT tokens, MLP mixing
+    gpm: bool = True  # global-to-local prompt module: box tokens cross-attend to whole-image tokens
+    parea_weight: float = 1.0  # weight of the proposals' area loss (loss_parea); 0 = off
+    parea_iou_floor: float = 0.5  # proposals count in loss_parea when their best IoU with a ground-truth box is above this
+    crop_size: int = 28  # S_ps: side of each box's crop of the input image
+    dim: int = 64  # token width of both modules
+    patch_kernel: int = 7  # overlapping patch partition: kernel > stride
+    patch_stride: int = 4
+    global_size: int = 224  # GPM: side of the downsized whole image
+    global_patch: int = 16  # GPM: patch side of the global tokens (no overlap)
+    heads: int = 4  # GPM attention heads
+    blocks: int = 2  # GPM cross-attention blocks
+    fuse: str = "mask"  # mask | mask_box: the RoI features the prompts are added to
+    fusion: str = "add"  # add (a learned projection added) | gated (the projection times a learned tanh gate, 0 at start)
+    gt_prompt_ratio: float = 0.25  # share of ground-truth boxes mixed, jittered, into the mask branch's RoIs in training
+    gt_prompt_jitter: float = 0.05  # box jitter, a fraction of the box side
+
+
+@dataclass
 class ModelConfig:
     """Model architecture; ``name`` picks a builder from ``rsiseg.models.registry.MODELS``."""
 
@@ -144,6 +179,8 @@ class ModelConfig:
     detections_per_img: int = 100  # up to 1000 for dense scenes
     seg: SegConfig = field(default_factory=SegConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
 
 @dataclass
@@ -318,6 +355,18 @@ RULES: dict[str, Check] = {
     "model.attention.cbam_kernel": _rule(lambda v: v > 0 and v % 2 == 1, "must be a positive odd number"),
     "model.attention.box_dropout": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "model.attention.backbone_drop_path": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.cascade.stage_ious": _rule(lambda v: len(v) > 0 and all(0 < x < 1 for x in v), "must be IoUs in (0, 1)"),
+    "model.cascade.stage_box_weights": _rule(lambda v: all(len(w) == 4 and min(w) > 0 for w in v),
+                                             "must be one [wx, wy, ww, wh] of positive numbers per stage"),
+    "model.cascade.stage_loss_weights": _rule(lambda v: all(x >= 0 for x in v), "must be >= 0"),
+    **{f"model.prompt.{k}": _POSITIVE for k in ("crop_size", "dim", "patch_kernel", "patch_stride", "global_size",
+                                                "global_patch", "heads", "blocks")},
+    "model.prompt.parea_weight": _NON_NEGATIVE,
+    "model.prompt.parea_iou_floor": _rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.prompt.fuse": _one_of(("mask", "mask_box")),
+    "model.prompt.fusion": _one_of(("add", "gated")),
+    "model.prompt.gt_prompt_ratio": _FRACTION,
+    "model.prompt.gt_prompt_jitter": _rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     **{f"model.{k}": _POSITIVE for k in ("num_classes", "in_channels", "fpn_channels", "min_size", "max_size",
                                          "rpn_batch_size_per_image", "roi_batch_size_per_image",
                                          "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",

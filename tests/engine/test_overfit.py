@@ -7,19 +7,26 @@ tiny options (``FAMILY_OPTIONS``); semantic models on a tiny semantic config (64
 labelled). Measured on the 2-core CPU, quiet (iterations until the target, evaluating every 5,
 and seconds of the test):
 
-===================  ================  ==========  =======  ========
-model                target            iterations  seconds  run
-===================  ================  ==========  =======  ========
-maskrcnn_r18_fpn     segm/AP50 >= 0.9  55          25       default
-maskrcnn_effb0_cbam  segm/AP50 >= 0.9  75          36       default
-seg_resnet18         mIoU >= 0.9       80          17       default
-maskrcnn_r34_fpn     segm/AP50 >= 0.9  40          22       slow
-maskrcnn_r50_fpn     segm/AP50 >= 0.9  55          34       slow
-maskrcnn_r101_fpn    segm/AP50 >= 0.9  65          57       slow
-===================  ================  ==========  =======  ========
+===========================  ================  ==========  =======  =======
+model                        target            iterations  seconds  run
+===========================  ================  ==========  =======  =======
+maskrcnn_r18_fpn             segm/AP50 >= 0.9  55          25       default
+maskrcnn_effb0_cbam          segm/AP50 >= 0.9  75          36       default
+seg_resnet18                 mIoU >= 0.9       80          17       default
+cascade_maskrcnn_r18_fpn     segm/AP50 >= 0.9  50          29       default
+maskrcnn_r18_prompt          segm/AP50 >= 0.9  60          26       default
+cascade_maskrcnn_r18_prompt  segm/AP50 >= 0.9  40          22       default
+maskrcnn_r34_fpn             segm/AP50 >= 0.9  40          22       slow
+maskrcnn_r50_fpn             segm/AP50 >= 0.9  55          34       slow
+maskrcnn_r101_fpn            segm/AP50 >= 0.9  65          57       slow
+cascade_maskrcnn_r50_fpn     segm/AP50 >= 0.9  60          39       slow
+maskrcnn_r50_prompt          segm/AP50 >= 0.9  60          34       slow
+cascade_maskrcnn_r50_prompt  segm/AP50 >= 0.9  55          38       slow
+===========================  ================  ==========  =======  =======
 
 The deeper ResNets share every line of code with maskrcnn_r18_fpn, so they are the ones left to
-``-m slow``: the default run (about 85 s) keeps one model of each family.
+``-m slow``: the default run (about 160 s) keeps one model of each family. The prompt models run with
+``model.prompt``'s defaults (every part on).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from rsiseg.models.registry import MODELS
 from tests.conftest import tiny_config_dict
 
 # Deselected by default (run them with `-m slow`): the deeper variants of a family already tested by default.
-SLOW = {"maskrcnn_r34_fpn", "maskrcnn_r50_fpn", "maskrcnn_r101_fpn"}
+SLOW = {"maskrcnn_r34_fpn", "maskrcnn_r50_fpn", "maskrcnn_r101_fpn", "cascade_maskrcnn_r50_fpn", "maskrcnn_r50_prompt",
+        "cascade_maskrcnn_r50_prompt"}
 # What an honest overfit of two images reaches, per task: (metric, target, iterations at most: about twice
 # the most any model needed).
 GOALS = {"instance": ("segm/AP50", 0.9, 150), "semantic": ("semantic/mIoU", 0.9, 150)}

@@ -1,4 +1,5 @@
-"""Efficiency figures: parameter breakdown (CBAM pulled out), sizes, FLOP counts and the ``rsiseg info`` body."""
+"""Efficiency figures: parameter breakdown (CBAM pulled out, cascade stages, prompt modules), sizes, FLOP counts and
+the ``rsiseg info`` body."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ from rsiseg.inference.predictor import without_initial_weights
 from rsiseg.models.layers.cbam import CBAM
 from rsiseg.models.registry import build_model
 from tests.conftest import tiny_config_dict
+from tests.models.test_cascade import tiny as tiny_cascade
+from tests.models.test_prompt_model import prompt_cfg
 
 RCNN_ROWS = ["backbone", "cbam", "fpn", "rpn", "box head", "box predictor", "mask head"]
+PROMPT_ROWS = ["prompt: LPM", "prompt: GPM", "prompt: fusion"]
 
 
 def _numel(model: nn.Module) -> int:
@@ -64,6 +68,49 @@ def test_mask_rcnn_rows_sum_to_the_total(synth_data, tmp_path):
     assert by_name["cbam"].params == 0
     assert by_name["backbone"].trainable < by_name["backbone"].params
     assert all(row.trainable == row.params for row in rows if row.name != "backbone")
+
+
+def test_cascade_stages_fill_the_box_rows():
+    model = build_model(tiny_cascade())
+    rows = {row.name: row for row in parameter_breakdown(model)}
+    stages = model.roi_heads.stages
+    assert list(rows) == RCNN_ROWS  # no "other": every stage's heads are in a row
+    assert rows["box head"].params == sum(_numel(stage.box_head) for stage in stages) > 0
+    assert rows["box predictor"].params == sum(_numel(stage.box_predictor) for stage in stages) > 0
+    assert sum(row.params for row in rows.values()) == _numel(model)
+
+
+@pytest.mark.parametrize(("lpm", "gpm"), [(True, True), (True, False), (False, True), (False, False)])
+def test_prompt_rows_show_each_switch(lpm, gpm):
+    model = build_model(prompt_cfg(lpm=lpm, gpm=gpm, fusion="gated"))
+    rows = {row.name: row for row in parameter_breakdown(model)}
+    assert list(rows) == RCNN_ROWS + PROMPT_ROWS  # shown even when off, so the ablation's tables line up
+    assert sum(row.params for row in rows.values()) == _numel(model)
+    assert (rows["prompt: LPM"].params > 0) == lpm and (rows["prompt: GPM"].params > 0) == gpm
+    assert (rows["prompt: fusion"].params > 0) == (lpm or gpm)
+    prompter = model.roi_heads.prompter
+    if prompter is not None:
+        assert rows["prompt: fusion"].params == _numel(prompter.project) + _numel(prompter.gate)
+        assert rows["prompt: LPM"].params + rows["prompt: GPM"].params + rows["prompt: fusion"].params == \
+            _numel(prompter)
+
+
+def test_prompt_flops_include_the_global_tokens_computed_outside_the_gpm():
+    torch.manual_seed(0)
+    model = build_model(prompt_cfg("cascade_maskrcnn_r18_prompt", fuse="mask_box"))
+    report = measure_efficiency(model, in_channels=3, input_size=(128, 128), speed=False)
+    rows = {row.name: row for row in report.components}
+    assert list(rows) == RCNN_ROWS + PROMPT_ROWS and report.total_params == _numel(model)
+    assert sum(row.flops for row in rows.values()) == report.flops
+    assert all(rows[name].flops > 0 for name in PROMPT_ROWS)
+    flops = count_flops(model, [torch.rand(3, 128, 128)])
+    # The global tokens run once per batch from the model's forward, not inside the GPM's forward:
+    # charged by call to their own module, they still count to the GPM row.
+    global_part = sum(flops.by_module[f"roi_heads.prompter.gpm.{name}"] for name in ("global_tokens", "global_block"))
+    inside_forward = flops.by_module["roi_heads.prompter.gpm"]
+    gpm = {row.name: row for row in flops_by_component(model, parameter_breakdown(model), flops)}["prompt: GPM"]
+    assert global_part > 0 and gpm.flops == inside_forward + global_part
+    assert sum(flops.own.values()) == flops.total
 
 
 class _Stage(nn.Sequential):

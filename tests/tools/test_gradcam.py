@@ -3,6 +3,7 @@
 The checkpoint is an untrained tiny Mask R-CNN: its scores are low, so the tests lower the score
 threshold to 0 and any detection counts. The Grad-CAM formula itself is checked on a hand-built
 R-CNN whose class logit reads one channel of the feature map, so the expected map is known exactly.
+Cascade and prompt models are built untrained from the tiny model configs of their own tests.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import shutil
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +20,18 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from rsiseg.checkpoint import save_checkpoint
 from rsiseg.commands import explain
 from rsiseg.config import config_from_dict, to_dict
 from rsiseg.inference.predictor import LoadedModel, load_model, predict_images
+from rsiseg.models.layers.box_prompting import prompt_context
 from rsiseg.models.registry import build_model
-from rsiseg.tools.gradcam import grad_cam, instance_cams, layer_names
+from rsiseg.tools.gradcam import box_class_logits, grad_cam, instance_cams, layer_names
+from tests.models.test_cascade import tiny as tiny_cascade
+from tests.models.test_prompt_model import prompt_cfg
 
 Explained = tuple[dict[str, torch.Tensor], torch.Tensor]  # instance_cams: (detections, cams)
 
@@ -101,6 +106,75 @@ def test_a_box_is_explained_at_the_fpn_level_it_is_pooled_from(loaded: LoadedMod
     assert (sides < 112).all()
     torch.testing.assert_close(auto, level0)
     assert (level3_dets["peaks"] == 0).all() and (level3 == 0).all()
+
+
+@pytest.mark.parametrize("name", ["cascade_maskrcnn_r18_fpn", "maskrcnn_r18_prompt", "cascade_maskrcnn_r18_prompt"])
+def test_cascade_and_prompt_models_get_one_map_per_detection(name: str, image: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_cascade() if name == "cascade_maskrcnn_r18_fpn" else prompt_cfg(name, fuse="mask_box")
+    model = build_model(replace(cfg, box_score_thresh=0.0)).eval()
+    assert layer_names(model)[:2] == ["fpn", "fpn:0"]
+    for layer in ("fpn", "backbone.body.layer3"):
+        dets, cams = instance_cams(model, image, layer, score_threshold=0.0, max_instances=4)
+        n = len(dets["labels"])
+        assert n == 4 and cams.shape == (n, 128, 128) and cams.dtype == torch.float32
+        assert all(len(dets[key]) == n for key in ("boxes", "scores", "logits", "peaks"))
+        assert torch.isfinite(dets["logits"]).all() and cams.min() >= 0 and cams.max() <= 1
+        assert (dets["peaks"] > 0).any() and (cams.flatten(1).amax(dim=1) > 0).any()
+        for cam, peak in zip(cams, dets["peaks"]):
+            assert (cam.max() == 1) if peak > 0 else (cam.max() == 0)
+
+
+def _network_input(model: nn.Module, image: torch.Tensor, boxes: torch.Tensor):
+    """The transformed batch, its FPN features and ``boxes`` scaled into it."""
+    batch, _ = model.transform([image])
+    rois = resize_boxes(boxes, tuple(image.shape[-2:]), tuple(batch.image_sizes[0]))
+    return batch, model.backbone(batch.tensors), [rois]
+
+
+@torch.no_grad()
+def test_prompt_models_explain_the_prompted_logit(image: torch.Tensor) -> None:
+    # The prompts enter the box head (fuse: mask_box), so they change the logit that is explained.
+    torch.manual_seed(0)
+    model = build_model(prompt_cfg(fuse="mask_box")).eval()
+    given = {"boxes": torch.tensor([[10.0, 20.0, 60.0, 50.0], [70.0, 5.0, 120.0, 100.0]]),
+             "labels": torch.tensor([1, 3])}
+    with torch.enable_grad():
+        dets, cams = instance_cams(model, image, "fpn", detections=given)
+    assert cams.shape == (2, 128, 128) and (dets["peaks"] > 0).all()
+    batch, features, rois = _network_input(model, image, given["boxes"])
+    context = prompt_context(model, batch.tensors)
+    heads = model.roi_heads
+    logits = box_class_logits(heads, features, rois, batch.image_sizes, context)
+    torch.testing.assert_close(logits.softmax(-1), heads.box_class_probs(features, rois, batch.image_sizes, context))
+    torch.testing.assert_close(dets["logits"], logits[torch.arange(2), given["labels"]])
+    unprompted = box_class_logits(heads, features, rois, batch.image_sizes, None)
+    assert not torch.allclose(logits, unprompted)
+
+
+@torch.no_grad()
+def test_cascade_logit_is_the_mean_of_the_stage_logits(image: torch.Tensor) -> None:
+    # With one stage, the cascade's score is that stage's softmax: its logits are the stage's own.
+    torch.manual_seed(0)
+    cfg = tiny_cascade()
+    one_stage = replace(cfg.cascade, stage_ious=[0.5], stage_box_weights=[[10.0, 10.0, 5.0, 5.0]],
+                        stage_loss_weights=[1.0])
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 50.0], [70.0, 5.0, 120.0, 100.0]])
+    for cascade in (one_stage, cfg.cascade):
+        model = build_model(replace(cfg, cascade=cascade)).eval()
+        batch, features, rois = _network_input(model, image, boxes)
+        heads = model.roi_heads
+        logits = box_class_logits(heads, features, rois, batch.image_sizes)
+        stage_logits = []
+        for index, stage in enumerate(heads.stages):
+            class_logits, deltas = stage.box_predictor(heads.box_features(features, rois, batch.image_sizes,
+                                                                          stage=index))
+            stage_logits.append(class_logits)
+            rois = heads.refine_boxes(stage, deltas, rois, batch.image_sizes)
+        torch.testing.assert_close(logits, torch.stack(stage_logits).mean(0))
+        if len(heads.stages) == 1:
+            probs = heads.box_class_probs(features, _network_input(model, image, boxes)[2], batch.image_sizes)
+            torch.testing.assert_close(logits.softmax(-1), probs)
 
 
 def test_grad_cam_is_the_relu_of_the_gradient_weighted_channel_sum() -> None:

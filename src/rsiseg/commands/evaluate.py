@@ -12,10 +12,11 @@ from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table
 from rsiseg.evaluation.metrics import write_metrics
+from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prompted_table
 from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
-from rsiseg.inference.predictor import evaluate_model, model_from_state, stored_config
+from rsiseg.inference.predictor import LoadedModel, evaluate_model, model_from_state, stored_config
 from rsiseg.tasks import get_task
 
 
@@ -24,6 +25,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.predictions):
         raise ValueError("pass either --checkpoint CKPT.pth or --predictions RESULTS.json (with --data GT.json)")
     if args.predictions:
+        if args.prompt_missed:
+            raise ValueError("--prompt-missed prompts a model: pass --checkpoint CKPT.pth, not --predictions")
         return _score_predictions(args)
     state = load_checkpoint(args.checkpoint)
     cfg = stored_config(state, args.checkpoint)
@@ -43,6 +46,8 @@ def run_eval(args: argparse.Namespace) -> int:
         loaded.class_names, loaded.label_to_category, dataset.index.categories, parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann),
     )
+    if args.prompt_missed:
+        return _eval_missed_prompts(args, loaded, dataset, eval_cfg, label_to_category, ann)
     metrics, results = evaluate_model(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet,
                                       label_to_category=label_to_category)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
@@ -53,9 +58,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: ExperimentConfig) -> int:
     """Accuracy and IoU of a semantic checkpoint on dense labels: ``--data LABELS_DIR`` or its validation split."""
-    if args.predictions or args.class_map or args.preset or args.max_dets:
-        raise ValueError("--predictions, --class-map, --preset and --max-dets apply to the instance task; "
-                         f"{args.checkpoint} is a semantic model")
+    if args.predictions or args.class_map or args.preset or args.max_dets or args.prompt_missed:
+        raise ValueError("--predictions, --class-map, --preset, --max-dets and --prompt-missed apply to the instance "
+                         f"task; {args.checkpoint} is a semantic model")
     labels = args.data or cfg.data.val_labels
     if not labels:
         raise ValueError(f"{args.checkpoint}: its config has no data.val_labels; pass --data LABELS_DIR "
@@ -74,6 +79,23 @@ def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: Experim
     _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {labels}", task.format_metrics(metrics))
     figures = task.results_figures(loaded.model, dataset, cfg, loaded.device, out / "figures")
     print(f"results figures (input, ground truth, points, prediction): {out / 'figures'}/ ({len(figures)})")
+    print(dataset.summary())
+    return 0
+
+
+def _eval_missed_prompts(args: argparse.Namespace, loaded: LoadedModel, dataset: CocoInstanceDataset,
+                         eval_cfg: EvalConfig, label_to_category: list[int], ann: str) -> int:
+    """AP before and after prompting the missed instances' ground-truth boxes; writes missed_prompts.json/.md."""
+    report = evaluate_with_missed_prompts(loaded.model, dataset, eval_cfg, loaded.device,
+                                          iou=args.missed_iou, progress=not args.quiet,
+                                          label_to_category=label_to_category)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    table = format_prompted_table(report)
+    write_metrics(report, out / "missed_prompts.json")
+    title = f"{Path(args.checkpoint).name} on {ann}: missed instances prompted"
+    atomic_write(out / "missed_prompts.md", lambda handle: handle.write(f"# {title}\n\n{table}\n"))
+    print(table)
+    print(f"\nwrote {out / 'missed_prompts.json'}, {out / 'missed_prompts.md'}")
     print(dataset.summary())
     return 0
 

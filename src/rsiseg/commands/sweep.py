@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rsiseg.engine.trainer import Trainer
     from rsiseg.tasks import get_task
 
     out = Path(args.out)
@@ -38,17 +37,25 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for value, cfg in configs:
         run_dir = Path(cfg.train.output_dir)
-        if (run_dir / "metrics.json").is_file():
-            log.info("%s=%s: finished run found in %s, reused", args.key, value, run_dir)
-        else:
-            Trainer(cfg, overwrite=True, progress=not args.quiet).fit()
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = train_or_reuse(cfg, f"{args.key}={value}", progress=not args.quiet)
         names = get_task(cfg.task).metric_names(cfg)
         rows.append({"value": value, "run": str(run_dir), **{n: metric_value(metrics, n) for n in names}})
     write_sweep(out, args.key, rows)
     print((out / "sweep.md").read_text())
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
     return 0
+
+
+def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into ``train.output_dir`` unless a finished run (its ``metrics.json``) is there; its final metrics."""
+    from rsiseg.engine.trainer import Trainer
+
+    run_dir = Path(cfg.train.output_dir)
+    if (run_dir / "metrics.json").is_file():
+        log.info("%s: finished run found in %s, reused", name, run_dir)
+    else:
+        Trainer(cfg, overwrite=True, progress=progress).fit()
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _run_config(args: argparse.Namespace, value: str, out: Path):

@@ -8,8 +8,9 @@ Every ablation table takes its Params / FLOPs / FPS columns from here, so the co
 - **FLOPs** from :class:`torch.utils.flop_counter.FlopCounterMode`: one eval forward at batch 1. It counts
   matrix multiplications and convolutions only, a multiply-add as 2 FLOPs (a ``Conv2d`` is
   ``2 * Cin/groups * k_h * k_w * Cout * H_out * W_out``, a ``Linear`` ``2 * in * out`` per row); biases,
-  normalisation, activations, pooling, interpolation, RoIAlign and NMS are not counted.
-  GFLOPs = FLOPs / 1e9.
+  normalisation, activations, pooling, interpolation, FFTs, RoIAlign and NMS are not counted.
+  GFLOPs = FLOPs / 1e9. By component, each FLOP counts to the innermost module running it, then to
+  the row holding that module (see :func:`flops_by_component`).
 - **Speed** at batch 1 on the model's device: warmup runs, then timed runs; the median latency and
   FPS = 1000 / median latency (ms).
 
@@ -32,44 +33,15 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.flop_counter import FlopCounterMode
 
+from rsiseg.evaluation.component_layouts import CBAM_ROW, get_path, layout_rows
 from rsiseg.models.layers.cbam import CBAM
 
-CBAM_ROW = "cbam"
 OTHER_ROW = "other"
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 MB = 2**20
-
-
-class Layout(NamedTuple):
-    """How one model family splits into components.
-
-    Attributes:
-        requires: attribute paths the model must have for this layout to apply.
-        components: ``(row name, attribute paths)`` in display order; paths that a model lacks are
-            skipped. :data:`CBAM_ROW` (no paths) marks where the CBAM row goes. Paths must not nest.
-    """
-
-    requires: tuple[str, ...]
-    components: tuple[tuple[str, tuple[str, ...]], ...]
-
-
-# A new family with a fixed anatomy adds its layout here; anything else falls back to its top-level children.
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(  # Mask R-CNN and its torchvision GeneralizedRCNN relatives
-        requires=("backbone", "rpn", "roi_heads"),
-        components=(
-            ("backbone", ("backbone.body",)),
-            (CBAM_ROW, ()),
-            ("fpn", ("backbone.fpn",)),
-            ("rpn", ("rpn",)),
-            ("box head", ("roi_heads.box_head",)),
-            ("box predictor", ("roi_heads.box_predictor",)),
-            ("mask head", ("roi_heads.mask_head", "roi_heads.mask_predictor")),
-        ),
-    ),
-)
 
 
 class ComponentCount(NamedTuple):
@@ -79,23 +51,6 @@ class ComponentCount(NamedTuple):
     params: int
     trainable: int
     flops: int | None = None
-
-
-def _get_path(model: nn.Module, path: str) -> nn.Module | None:
-    """The submodule at a dotted ``path``, or None when the model has none there."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _layout_rows(model: nn.Module) -> tuple[list[tuple[str, list[str]]], bool]:
-    """``(row name, module paths present)`` per row, and whether a fixed layout applied."""
-    for layout in LAYOUTS:
-        if all(_get_path(model, path) is not None for path in layout.requires):
-            rows = [(name, [p for p in paths if _get_path(model, p) is not None]) for name, paths in layout.components]
-            return rows, True
-    return [(name, [name]) for name, _ in model.named_children()] + [(CBAM_ROW, [])], False
 
 
 def cbam_modules(model: nn.Module) -> dict[str, CBAM]:
@@ -114,17 +69,19 @@ def _is_under(path: str, outer: str) -> bool:
 def parameter_breakdown(model: nn.Module) -> list[ComponentCount]:
     """Parameters by component; the rows sum to the model's total (each shared tensor counted once).
 
-    A model with a known layout (:data:`LAYOUTS`; Mask R-CNN: backbone, cbam, fpn, rpn, box head, box
-    predictor, mask head) gets those rows, every one shown even when zero, so tables of different
-    variants line up. Any other model gets one row per top-level child, zero rows hidden. In both,
-    every parameter inside a :class:`~rsiseg.models.layers.cbam.CBAM` block, wherever it sits, goes to
-    the ``cbam`` row (hidden when zero in the fallback), and parameters no row covers go to ``other``
+    A model with a known layout (:data:`~rsiseg.evaluation.component_layouts.LAYOUTS`; Mask R-CNN:
+    backbone, cbam, fpn, rpn, box head, box predictor, mask head, a cascade's stages summed into the box
+    rows; the prompt models add ``prompt: LPM``, ``prompt: GPM`` and ``prompt: fusion``) gets those rows,
+    every one shown even when zero, so tables of different variants line up. Any other model gets one
+    row per top-level child, zero rows hidden. In both, every parameter inside a
+    :class:`~rsiseg.models.layers.cbam.CBAM` block, wherever it sits, goes to the ``cbam`` row (hidden
+    when zero in the fallback), and parameters no row covers go to ``other``
     (shown only when non-zero).
 
     Returns:
         :class:`ComponentCount` rows with ``flops`` None.
     """
-    rows, fixed = _layout_rows(model)
+    rows, fixed = layout_rows(model)
     taken: set[int] = set()
     cbam_count = _claim(list(cbam_modules(model).values()), taken)  # first: no other row may claim them
     out = []
@@ -132,7 +89,7 @@ def parameter_breakdown(model: nn.Module) -> list[ComponentCount]:
         if name == CBAM_ROW:
             total, trainable = cbam_count
         else:
-            total, trainable = _claim([_get_path(model, p) for p in paths], taken)
+            total, trainable = _claim([get_path(model, p) for p in paths], taken)
         if fixed or total:
             out.append(ComponentCount(name, total, trainable))
     total, trainable = _claim([model], taken)
@@ -201,46 +158,91 @@ def synthetic_image(channels: int, height: int, width: int, seed: int = 0,
 
 class FlopCount(NamedTuple):
     """FLOPs of one forward: ``total``; ``by_module`` maps a module path (``""`` the root) to the FLOPs
-    inside it, children included; ``outputs`` is what the model returned."""
+    while it ran, its callees included; ``outputs`` is what the model returned; ``own`` maps a module
+    path to the FLOPs charged to it as the innermost module running (``""``: the root's own code), so
+    ``own`` sums to ``total``."""
 
     total: int
     by_module: dict[str, int]
     outputs: Any
+    own: dict[str, int]
 
 
 def count_flops(model: nn.Module, *inputs: Any) -> FlopCount:
     """FLOPs of ``model(*inputs)`` in eval mode without gradients (conventions: see the module docstring)."""
     root = type(model).__name__
-    with eval_mode(model), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), FlopCounterMode(display=False) as counter, _innermost_charges(model, counter) as own:
         outputs = model(*inputs)
     by_module = {}
     # FlopCounterMode names modules "<root class>.<attribute path>"; its "Global" entry is the total.
     for name, ops in counter.get_flop_counts().items():
         if name == root or name.startswith(root + "."):
             by_module[name[len(root) + 1:]] = sum(ops.values())
-    return FlopCount(counter.get_total_flops(), by_module, outputs)
+    return FlopCount(counter.get_total_flops(), by_module, outputs, own)
+
+
+@contextlib.contextmanager
+def _innermost_charges(model: nn.Module, counter: FlopCounterMode) -> Iterator[dict[str, int]]:
+    """FLOPs by the path of the innermost of ``model``'s modules running when they were counted.
+
+    By call, not by path: a module's FLOPs stay its own when another module's code calls it (the GPM's
+    global tokens, computed once per batch from the model's ``forward``). Filled on exit.
+    """
+    paths = {id(module): path for path, module in model.named_modules()}
+    own: dict[str, int] = {}
+    stack: list[str] = []
+    mark = 0
+
+    def charge() -> None:  # what was counted since the last call goes to the module on top
+        nonlocal mark
+        total = counter.get_total_flops()
+        if total != mark:
+            key = stack[-1] if stack else ""
+            own[key] = own.get(key, 0) + total - mark
+            mark = total
+
+    def enter(module: nn.Module, _inputs: Any) -> None:
+        if id(module) in paths:
+            charge()
+            stack.append(paths[id(module)])
+
+    def leave(module: nn.Module, _inputs: Any, _output: Any) -> None:
+        if id(module) in paths and stack:
+            charge()
+            stack.pop()
+
+    hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+    try:
+        yield own
+    finally:
+        for hook in hooks:
+            hook.remove()
+        stack.clear()
+        charge()
 
 
 def flops_by_component(model: nn.Module, rows: list[ComponentCount], flops: FlopCount) -> list[ComponentCount]:
     """``rows`` of :func:`parameter_breakdown` with ``flops`` filled from the same module paths.
 
-    CBAM FLOPs leave the row whose module holds the block for the ``cbam`` row; FLOPs outside every
-    row's modules (e.g. in the root's own ``forward``) go to ``other``, so the rows sum to the total.
+    Each FLOP goes to the innermost module running it (:attr:`FlopCount.own`), and from there to the row
+    whose paths hold that module; FLOPs in a :class:`~rsiseg.models.layers.cbam.CBAM` block go to the
+    ``cbam`` row, and FLOPs outside every row's modules (e.g. in the root's own ``forward``) to ``other``,
+    so the rows sum to the total.
     """
-    layout = dict(_layout_rows(model)[0])
+    shown = {row.name for row in rows}
+    layout = [(name, paths) for name, paths in layout_rows(model)[0] if name in shown and name != CBAM_ROW]
     cbam = list(cbam_modules(model))
-
-    def inside(path: str) -> int:
-        nested = sum(flops.by_module.get(c, 0) for c in cbam if _is_under(c, path))
-        return flops.by_module.get(path, 0) - nested
-
-    counted = {}
-    for row in rows:
-        if row.name == CBAM_ROW:
-            counted[row.name] = sum(flops.by_module.get(c, 0) for c in cbam)
-        elif row.name != OTHER_ROW:
-            counted[row.name] = sum(inside(p) for p in layout.get(row.name, []))
-    rest = flops.total - sum(counted.values())
+    counted = dict.fromkeys(shown - {OTHER_ROW}, 0)
+    rest = 0
+    for path, count in flops.own.items():
+        if any(_is_under(path, c) for c in cbam):
+            row = CBAM_ROW
+        else:
+            row = next((name for name, paths in layout if any(_is_under(path, p) for p in paths)), OTHER_ROW)
+        if row in counted:
+            counted[row] += count
+        else:
+            rest += count
     out = [row._replace(flops=counted.get(row.name, rest)) for row in rows]
     if rest and all(row.name != OTHER_ROW for row in rows):
         out.append(ComponentCount(OTHER_ROW, 0, 0, rest))

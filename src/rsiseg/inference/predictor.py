@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -20,9 +21,11 @@ from tqdm import tqdm
 from rsiseg.checkpoint import load_checkpoint
 from rsiseg.config import EvalConfig, ExperimentConfig, ModelConfig, config_from_dict
 from rsiseg.data.coco import CocoInstanceDataset
-from rsiseg.data.loader import collate
+from rsiseg.data.io import match_bands, to_unit_float
+from rsiseg.data.loader import collate, to_chw_tensor
 from rsiseg.evaluation.coco import evaluate_coco
 from rsiseg.inference.export import prediction_to_coco
+from rsiseg.models.layers.box_prompting import EncodedImages, encode_images, segment_boxes
 from rsiseg.models.registry import build_model
 
 
@@ -140,3 +143,80 @@ def evaluate_model(
         max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None,
     )
     return metrics, results
+
+
+class Predictor:
+    """A loaded model that answers detections and prompts image by image (``Predictor.segment``).
+
+    Images are ``[H, W, C]`` arrays as :func:`rsiseg.data.io.read_image` gives them (any dtype,
+    bands matched to the model) or float ``[C, H, W]`` tensors in [0, 1]. :meth:`segment` encodes an
+    image once (backbone, FPN, the prompter's global part) and answers every later prompt on the
+    same image object from that cache, so a prompt costs only the RoI heads.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._image: Any = None
+        self._encoded: EncodedImages | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto",
+                        overrides: dict[str, Any] | None = None) -> Predictor:
+        return cls(load_model(checkpoint, device, overrides))
+
+    def as_tensor(self, image: Any) -> torch.Tensor:
+        """The model's input for ``image``: float ``[C, H, W]`` on the model's device."""
+        if isinstance(image, torch.Tensor):
+            tensor = image.float()
+        else:
+            bands = self.loaded.config.model.in_channels
+            tensor = to_chw_tensor(to_unit_float(match_bands(np.asarray(image), bands, "image")))
+        return tensor.to(self.loaded.device)
+
+    def predict(self, image: Any) -> dict[str, torch.Tensor]:
+        """Automatic detections of one image (CPU tensors), as :func:`predict_images` gives them."""
+        return predict_images(self.loaded.model, [self.as_tensor(image)], self.loaded.device)[0]
+
+    def set_image(self, image: Any) -> None:
+        """Encode ``image`` for the prompts that follow."""
+        self._encoded = encode_images(self.loaded.model, [self.as_tensor(image)])
+        self._image = image
+
+    def segment(self, image: Any = None, boxes: Any = None, points: Any = None,
+                point_labels: Any = None) -> dict[str, torch.Tensor]:
+        """One mask, class and score per box prompt on ``image`` (the cached one when None or the same object).
+
+        Args:
+            boxes: ``[K, 4]`` xyxy in the image's pixels (array, list or tensor).
+            points, point_labels: point prompts; only point-prompted models (PointSAM) take them.
+
+        Returns:
+            CPU tensors ``boxes`` ``[K, 4]``, ``labels`` ``[K]``, ``scores`` ``[K]``, ``roi_masks``
+            ``[K, 28, 28]`` (inside each box) and ``image_size``; :func:`rsiseg.inference.paste.paste_full`
+            gives full-size masks.
+        """
+        name = self.loaded.config.model.name
+        if points is not None or point_labels is not None:
+            raise ValueError(f"model {name!r} takes box prompts only, not points")
+        if boxes is None:
+            raise ValueError("segment() needs boxes=[[x1, y1, x2, y2], ...]")
+        if image is not None and image is not self._image:
+            self.set_image(image)
+        if self._encoded is None:
+            raise ValueError("segment() needs an image (none was given or set before)")
+        prompts = check_boxes(boxes, self._encoded.original_sizes[0])
+        out = segment_boxes(self.loaded.model, self._encoded, [prompts.to(self.loaded.device)])[0]
+        return {k: v.cpu() for k, v in out.items()}
+
+
+def check_boxes(boxes: Any, image_size: tuple[int, int]) -> torch.Tensor:
+    """Box prompts as float ``[K, 4]`` xyxy, refused with a clear error when malformed or outside the image."""
+    tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) if len(boxes) else torch.zeros(0, 4)
+    height, width = image_size
+    bad = ~torch.isfinite(tensor).all(1) | (tensor[:, 2] <= tensor[:, 0]) | (tensor[:, 3] <= tensor[:, 1])
+    bad |= (tensor[:, 2] <= 0) | (tensor[:, 3] <= 0) | (tensor[:, 0] >= width) | (tensor[:, 1] >= height)
+    if bad.any():
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"box prompt {first} {tensor[first].tolist()} is not a box x1 < x2, y1 < y2 that meets "
+                         f"the {width}x{height} image ({int(bad.sum())} of {len(tensor)} boxes are bad)")
+    return tensor

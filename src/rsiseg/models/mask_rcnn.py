@@ -14,22 +14,13 @@ from __future__ import annotations
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from rsiseg.config import ModelConfig
-from rsiseg.models.backbones.resnet_fpn import build_resnet_fpn
+from rsiseg.models.backbones.resnet_fpn import resnet_fpn_from_config
 from rsiseg.models.layers.rcnn_assembly import assemble_mask_rcnn
 
 
 def _resnet_builder(depth_name: str):
     def build(cfg: ModelConfig) -> GeneralizedRCNN:
-        backbone = build_resnet_fpn(
-            depth_name,
-            in_channels=cfg.in_channels,
-            pretrained=cfg.pretrained,
-            checkpoint=cfg.backbone_checkpoint,
-            norm=cfg.norm,
-            trainable_layers=cfg.trainable_layers,
-            fpn_channels=cfg.fpn_channels,
-        )
-        return assemble_mask_rcnn(backbone, cfg)
+        return assemble_mask_rcnn(resnet_fpn_from_config(cfg, depth_name), cfg)
 
     build.__name__ = f"build_maskrcnn_{depth_name}_fpn"
     build.__doc__ = f"Mask R-CNN with a {depth_name} FPN backbone."

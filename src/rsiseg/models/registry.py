@@ -12,8 +12,9 @@ from typing import NamedTuple
 from torch import nn
 
 from rsiseg.config import ModelConfig
-from rsiseg.models import mask_rcnn
+from rsiseg.models import cascade, mask_rcnn
 from rsiseg.models.attention_rcnn import model as attention_rcnn
+from rsiseg.models.prompt import model as prompt
 from rsiseg.models.semantic import seg_resnet
 
 
@@ -28,6 +29,12 @@ MODELS: dict[str, ModelEntry] = {
     "maskrcnn_r50_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r50_fpn, ("instance",)),
     "maskrcnn_r101_fpn": ModelEntry(mask_rcnn.build_maskrcnn_r101_fpn, ("instance",)),
     "maskrcnn_effb0_cbam": ModelEntry(attention_rcnn.build_maskrcnn_effb0_cbam, ("instance",)),
+    "cascade_maskrcnn_r18_fpn": ModelEntry(cascade.build_cascade_maskrcnn_r18_fpn, ("instance",)),
+    "cascade_maskrcnn_r50_fpn": ModelEntry(cascade.build_cascade_maskrcnn_r50_fpn, ("instance",)),
+    "maskrcnn_r18_prompt": ModelEntry(prompt.build_maskrcnn_r18_prompt, ("instance",)),
+    "maskrcnn_r50_prompt": ModelEntry(prompt.build_maskrcnn_r50_prompt, ("instance",)),
+    "cascade_maskrcnn_r18_prompt": ModelEntry(prompt.build_cascade_maskrcnn_r18_prompt, ("instance",)),
+    "cascade_maskrcnn_r50_prompt": ModelEntry(prompt.build_cascade_maskrcnn_r50_prompt, ("instance",)),
     "seg_resnet18": ModelEntry(seg_resnet.build_seg_resnet18, ("semantic",)),
 }
 

@@ -2,10 +2,24 @@
 
 For one image, the model first detects as usual (eval mode). Each detection's score is then
 recomputed from a chosen feature map ``A`` [1, C, h, w]: its box, scaled into the transformed
-image, is pooled through ``roi_heads.box_roi_pool``, ``box_head`` and ``box_predictor``, and the
-**pre-softmax class logit** of its label is taken (the softmax would couple it to the other
-classes' logits). Grad-CAM (Selvaraju et al., 2017) then weighs each channel by the spatial mean
-of ``d logit / d A`` and keeps the positive part of the weighted sum::
+image, goes through the RoI heads' box branch (:func:`box_class_logits`: the box pooler, the
+prompter where the model has one, the box head and predictor), and a differentiable class score of
+its label is taken, called its logit below:
+
+- single-stage heads (Mask R-CNN): the **pre-softmax class logit** (the softmax would couple it to
+  the other classes' logits);
+- cascade heads: the **mean over the stages of each stage's pre-softmax
+  logit**, the stages run in sequence from the box as in eval (stage t scores the box regressed by
+  stage t - 1; the regression is detached, so the gradient flows through the pooled features only).
+  The detection's score is the mean of the stages' softmax probabilities instead; the mean logit is
+  explained for the same reason as above, and with one stage it is the single-stage logit.
+
+Prompt models (``roi_heads.prompter``): the box's prompts, from the prompter's encoding of the
+transformed image as in the model's forward, are added to its pooled features, so the explanation
+includes them; they are computed from the image, not from ``A``, so no gradient flows through them.
+
+Grad-CAM (Selvaraju et al., 2017) then weighs each channel by the spatial mean of
+``d logit / d A`` and keeps the positive part of the weighted sum::
 
     w_c = mean_{y,x} d logit / d A_c[y, x]        cam = ReLU(sum_c w_c A_c)
 
@@ -45,13 +59,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
 
+from rsiseg.models.layers.box_prompting import prompt_context
+
 AUTO_LEVEL = "fpn"
 LEVEL_PREFIX = "fpn:"
 MODULE_PREFIX = "backbone"
 # Side of the blank image that :func:`layer_names` runs through the backbone: a multiple of the
 # largest stride (64, the pooled P6), and small enough to cost little even for ResNet-101.
 _PROBE_SIZE = 64
-_ROI_PARTS = ("box_roi_pool", "box_head", "box_predictor")
+_ROI_PARTS = ("box_roi_pool", "box_head", "box_predictor")  # the box branch of heads without box_class_logits
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -93,8 +109,9 @@ def instance_cams(
     """Detect instances in one image and compute each one's Grad-CAM map at ``layer``.
 
     Args:
-        model: an R-CNN (``transform``, ``backbone``, ``roi_heads`` with ``box_roi_pool``,
-            ``box_head``, ``box_predictor``), e.g. from :func:`rsiseg.inference.predictor.load_model`.
+        model: an R-CNN (``transform``, ``backbone``, ``roi_heads`` with ``box_roi_pool`` and a box
+            branch :func:`box_class_logits` can score: Mask R-CNN, Cascade, the prompt models), e.g. from
+            :func:`rsiseg.inference.predictor.load_model`.
             Run in eval mode with frozen parameters; its mode and ``requires_grad`` flags are restored.
         image: float ``[C, H, W]`` in [0, 1], on the model's device.
         layer: one of :func:`layer_names`, or any ``backbone.<module path>``.
@@ -107,7 +124,7 @@ def instance_cams(
     Returns:
         ``(detections, cams)``, on CPU. ``detections``: ``boxes`` float ``[N, 4]`` xyxy image
         pixels, ``labels`` int64 ``[N]``, ``scores`` float ``[N]`` in [0, 1], ``logits`` float
-        ``[N]`` (the recomputed pre-softmax class logit that was explained) and ``peaks`` float
+        ``[N]`` (the recomputed class score that was explained: see the module docstring) and ``peaks`` float
         ``[N]`` (each map's maximum before normalisation; 0 means a blank map: no activation of
         ``layer`` raises the logit). ``cams``: float32 ``[N, H, W]`` in [0, 1].
 
@@ -153,6 +170,31 @@ def grad_cam(activation: Tensor, gradient: Tensor) -> Tensor:
     return F.relu((weights * activation).sum(dim=-3)).reshape(activation.shape[-2:])
 
 
+def box_class_logits(
+    heads: nn.Module, features: Mapping[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+    context: Any = None,
+) -> Tensor:
+    """Differentiable class scores of given boxes: pre-softmax logits, a cascade's averaged over its stages.
+
+    Args:
+        heads: the model's ``roi_heads``: the package's RoI heads answer through their
+            ``box_class_logits`` method (the prompter runs, a cascade averages its stages' logits);
+            other heads need ``box_roi_pool``, ``box_head`` and ``box_predictor``.
+        features: the FPN levels the box pooler reads, ``[B, C, h, w]`` each.
+        boxes: per image ``[K_i, 4]`` xyxy in network-input pixels.
+        image_shapes: per image (H, W) at network input.
+        context: the prompter's encoding of the batch (:func:`~rsiseg.models.layers.box_prompting.prompt_context`),
+            or None.
+
+    Returns:
+        ``[sum K_i, num_classes + 1]``, background first.
+    """
+    method = getattr(heads, "box_class_logits", None)
+    if callable(method):  # the package's RoI heads (single-stage, cascade, with or without a prompter)
+        return method(features, boxes, image_shapes, context)
+    return heads.box_predictor(heads.box_head(heads.box_roi_pool(features, boxes, image_shapes)))[0]
+
+
 def heatmap_overlay(image_rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5, colormap: str = "turbo") -> np.ndarray:
     """Blend a heat map into an image.
 
@@ -187,7 +229,9 @@ class _Target:
 def _check_detector(model: nn.Module) -> None:
     heads = getattr(model, "roi_heads", None)
     missing = [n for n in ("transform", "backbone") if not hasattr(model, n)]
-    missing += [f"roi_heads.{n}" for n in _ROI_PARTS if not hasattr(heads, n)]
+    # Heads that score boxes themselves need only the pooler of their own.
+    parts = _ROI_PARTS[:1] if hasattr(heads, "box_class_logits") else _ROI_PARTS
+    missing += [f"roi_heads.{n}" for n in parts if not hasattr(heads, n)]
     if missing:
         raise ValueError(f"{type(model).__name__} has no RoI heads (missing {', '.join(missing)}): Grad-CAM per "
                          "detected instance needs an R-CNN detector such as maskrcnn_r50_fpn, and this model has "
@@ -299,15 +343,15 @@ def _capture(model: nn.Module, target: _Target) -> Iterator[_Captured]:
 
 def _class_logits(model: nn.Module, captured: _Captured, detections: Mapping[str, Tensor],
                   size: tuple[int, int]) -> Tensor:
-    """``[N]`` class logit of each detection's label, its box pooled from the captured features."""
+    """``[N]`` class logit of each detection's label (:func:`box_class_logits`), its box pooled from the
+    captured features, with the prompts of the model's prompter (if any)."""
     labels = detections["labels"]
     if len(labels) == 0:
         return torch.zeros(0, device=labels.device)
     images = captured.images
     rois = resize_boxes(detections["boxes"], size, tuple(images.image_sizes[0]))  # into the transformed image
-    heads = model.roi_heads
-    pooled = heads.box_roi_pool(captured.features, [rois], images.image_sizes)
-    class_logits, _ = heads.box_predictor(heads.box_head(pooled))
+    context = prompt_context(model, images.tensors)
+    class_logits = box_class_logits(model.roi_heads, captured.features, [rois], images.image_sizes, context)
     return class_logits[torch.arange(len(labels), device=labels.device), labels]
 
 

@@ -58,6 +58,14 @@ def build_resnet_fpn(depth_name: str, *, fpn_channels: int = 256, **body_options
     )
 
 
+def resnet_fpn_from_config(cfg: Any, depth_name: str) -> BackboneWithFPN:
+    """:func:`build_resnet_fpn` with the backbone fields of a :class:`~rsiseg.config.ModelConfig`."""
+    return build_resnet_fpn(
+        depth_name, in_channels=cfg.in_channels, pretrained=cfg.pretrained, checkpoint=cfg.backbone_checkpoint,
+        norm=cfg.norm, trainable_layers=cfg.trainable_layers, fpn_channels=cfg.fpn_channels,
+    )
+
+
 def build_resnet_body(
     depth_name: str,
     *,

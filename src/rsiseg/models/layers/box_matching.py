@@ -104,6 +104,21 @@ class LocalMatcher(Matcher):
         return matches
 
 
+def match_boxes(matcher: LocalMatcher, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Matched instance (int64 ``[K]``, 0 where none) and label (int64 ``[K]``: the instance's
+    class, 0 background, -1 ignored) of each of ``boxes`` ``[K, 4]``, as torchvision's RoI heads
+    assign them, with the matcher fed lazily (:class:`BoxPairs`)."""
+    if gt_boxes.numel() == 0:
+        zeros = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+        return zeros, zeros.clone()
+    matches = matcher(BoxPairs(gt_boxes, boxes))
+    matched = matches.clamp(min=0)
+    labels = gt_labels[matched].to(torch.int64)
+    labels[matches == matcher.BELOW_LOW_THRESHOLD] = 0
+    labels[matches == matcher.BETWEEN_THRESHOLDS] = -1
+    return matched, labels
+
+
 def use_local_matching(module: torch.nn.Module) -> None:
     """Make a torchvision RPN or RoI heads module match with :class:`LocalMatcher`, same thresholds.
 

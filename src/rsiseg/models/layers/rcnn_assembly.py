@@ -4,12 +4,14 @@ The model is put together from torchvision's blocks as torchvision's
 :class:`~torchvision.models.detection.MaskRCNN` is, with the same parameter names, but with the
 compact mask path of this package (:class:`~rsiseg.models.layers.roi_heads.CompactMaskRoIHeads`,
 :class:`~rsiseg.models.layers.rcnn_transform.CompactMaskTransform`) and the dense-scene limits.
-A family passes its own box or mask head; left out, torchvision's are used.
+A family passes its own box or mask head; left out, torchvision's are used. A family that changes
+the RPN, the RoI heads or the model's forward passes its own classes (subclasses of the defaults,
+taking the same arguments plus its own ``roi_heads_kwargs``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -69,13 +71,20 @@ def default_roi_head_parts(channels: int, num_classes: int) -> RoIHeadParts:
     )
 
 
-def assemble_mask_rcnn(backbone: nn.Module, cfg: ModelConfig, heads: RoIHeadParts | None = None) -> GeneralizedRCNN:
+def assemble_mask_rcnn(
+    backbone: nn.Module, cfg: ModelConfig, heads: RoIHeadParts | None = None, *,
+    rpn_cls: type[DenseRegionProposalNetwork] = DenseRegionProposalNetwork, rpn_kwargs: dict[str, Any] | None = None,
+    roi_heads_cls: type[CompactMaskRoIHeads] = CompactMaskRoIHeads, roi_heads_kwargs: dict[str, Any] | None = None,
+    model_cls: type[GeneralizedRCNN] = GeneralizedRCNN,
+) -> GeneralizedRCNN:
     """Mask R-CNN on a backbone that has ``out_channels`` and returns 5 FPN levels (``"0"``-``"3"``, ``"pool"``).
 
     Args:
         backbone: maps ``[B, C, H, W]`` to ``{"0": P2, ..., "3": P5, "pool": P6}``.
         cfg: the model config (anchors, RPN and RoI sampling, limits, normalisation).
         heads: a family's RoI heads; torchvision's (:func:`default_roi_head_parts`) when None.
+        rpn_cls, roi_heads_cls, model_cls: a family's subclasses of the RPN, the RoI heads and the
+            model, built with the usual arguments plus ``rpn_kwargs`` / ``roi_heads_kwargs``.
     """
     check_normalisation(cfg)
     if not 1 <= cfg.detections_per_img <= 1000:
@@ -83,25 +92,25 @@ def assemble_mask_rcnn(backbone: nn.Module, cfg: ModelConfig, heads: RoIHeadPart
     channels = backbone.out_channels
     heads = heads or default_roi_head_parts(channels, cfg.num_classes)
     anchors = build_anchor_generator(cfg)
-    rpn = DenseRegionProposalNetwork(
+    rpn = rpn_cls(
         anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=cfg.rpn_fg_iou, bg_iou_thresh=cfg.rpn_bg_iou,
         batch_size_per_image=cfg.rpn_batch_size_per_image, positive_fraction=cfg.rpn_positive_fraction,
         pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
-        nms_thresh=cfg.rpn_nms_thresh,
+        nms_thresh=cfg.rpn_nms_thresh, **(rpn_kwargs or {}),
     )
-    roi_heads = CompactMaskRoIHeads(
+    roi_heads = roi_heads_cls(
         MultiScaleRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=2), heads.box_head, heads.box_predictor,
         fg_iou_thresh=cfg.roi_fg_iou, bg_iou_thresh=cfg.roi_bg_iou,
         batch_size_per_image=cfg.roi_batch_size_per_image, positive_fraction=cfg.roi_positive_fraction,
         bbox_reg_weights=None, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.detections_per_img,
         mask_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=2),
-        mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        mask_head=heads.mask_head, mask_predictor=heads.mask_predictor, **(roi_heads_kwargs or {}),
     )
     transform = CompactMaskTransform(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
-    return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
+    return model_cls(backbone, rpn, roi_heads, transform)
 
 
 def check_normalisation(cfg: ModelConfig) -> None:

@@ -1,0 +1,115 @@
+"""Box prompts for users: ``Predictor.segment`` (with its cache), ``rsiseg prompt`` and ``rsiseg ablate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from rsiseg.cli import main
+from rsiseg.commands.prompt import parse_boxes
+from rsiseg.inference.predictor import Predictor, check_boxes
+from rsiseg.models.layers import box_prompting
+from tests.conftest import tiny_config_dict
+
+
+def test_segment_encodes_an_image_once(untrained_checkpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    predictor = Predictor.from_checkpoint(untrained_checkpoint, "cpu")
+    calls = []
+    encode = box_prompting.encode_images
+    monkeypatch.setattr("rsiseg.inference.predictor.encode_images", lambda *a: calls.append(1) or encode(*a))
+    image = (np.random.default_rng(0).random((100, 120, 3)) * 255).astype(np.uint8)
+    first = predictor.segment(image, boxes=[[10, 10, 50, 40]])
+    second = predictor.segment(image, boxes=[[10, 10, 50, 40], [60, 20, 110, 90]])
+    third = predictor.segment(boxes=[[60, 20, 110, 90]])  # the cached image
+    assert len(calls) == 1
+    assert torch.allclose(first["roi_masks"][0], second["roi_masks"][0], atol=1e-5)  # batched RoIs: float noise
+    assert torch.allclose(second["roi_masks"][1], third["roi_masks"][0], atol=1e-5)
+    assert second["image_size"].tolist() == [100, 120]
+    predictor.segment(image.copy(), boxes=[[0, 0, 5, 5]])  # another image object: encoded again
+    assert len(calls) == 2
+
+
+def test_segment_refuses_bad_prompts(untrained_checkpoint: str) -> None:
+    predictor = Predictor.from_checkpoint(untrained_checkpoint, "cpu")
+    with pytest.raises(ValueError, match="needs an image"):
+        predictor.segment(boxes=[[0, 0, 5, 5]])
+    image = torch.rand(3, 64, 64)
+    with pytest.raises(ValueError, match="box prompts only"):
+        predictor.segment(image, points=[[3, 3]])
+    with pytest.raises(ValueError, match=r"box prompt 1 \[30.0, 5.0, 20.0, 9.0\].*1 of 2"):
+        predictor.segment(image, boxes=[[0, 0, 5, 5], [30, 5, 20, 9]])
+    assert check_boxes([], (10, 10)).shape == (0, 4)
+    with pytest.raises(ValueError, match="meets the 10x10 image"):
+        check_boxes([[20, 20, 30, 30]], (10, 10))
+
+
+def test_parse_boxes(tmp_path: Path) -> None:
+    listed = tmp_path / "b.json"
+    listed.write_text(json.dumps({"boxes": [[1, 2, 3, 4]]}))
+    assert parse_boxes(["0,0,5,6", str(listed)]) == [[0, 0, 5, 6], [1, 2, 3, 4]]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([[1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"bad.json: boxes\[0\] is \[1, 2, 3\]"):
+        parse_boxes([str(bad)])
+    with pytest.raises(ValueError, match="expected x1,y1,x2,y2"):
+        parse_boxes(["1,2,3"])
+
+
+def test_prompt_command_writes_one_entry_per_box(untrained_checkpoint: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(1).random((90, 140, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "out"
+    argv = ["prompt", "--checkpoint", untrained_checkpoint, str(image), "--boxes", "5,5,40,30", "60,10,130,80",
+            "--out", str(out), "--mask-threshold", "0.3", "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads((out / "prompts.json").read_text())
+    assert [p["prompt"] for p in report["prompts"]] == [0, 1]
+    assert report["prompts"][1]["box"] == [60, 10, 130, 80]
+    assert all(p["segmentation"]["size"] == [90, 140] and 0 < p["score"] <= 1 for p in report["prompts"])
+    assert Image.open(out / "prompts.png").size == (140, 90)
+    assert "box 1:" in capsys.readouterr().out
+    assert main(argv) == 2  # a previous run is kept without --overwrite
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tiny_config_dict(synth_data, tmp_path / "unused")
+    raw["model"].update(name="maskrcnn_r18_prompt",
+                        prompt={"dim": 16, "global_size": 64, "heads": 2, "blocks": 1, "parea_weight": 0.5})
+    raw["train"].update(max_iters=2, tensorboard=False)
+    config = tmp_path / "prompt.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "ablation"
+    argv = ["-q", "ablate", str(config), "--variants", "baseline,all", "--out", str(out), "--speed-runs", "1",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    table = json.loads((out / "ablation.json").read_text())["runs"]
+    assert [r["variant"] for r in table] == ["baseline", "all"]
+    assert table[1]["params"] > table[0]["params"] and all(r["fps"] > 0 for r in table)
+    stored = [yaml.safe_load((out / v / "config.yaml").read_text())["model"]["prompt"] for v in ("baseline", "all")]
+    assert (stored[0]["lpm"], stored[0]["gpm"], stored[0]["parea_weight"]) == (False, False, 0)
+    assert (stored[1]["lpm"], stored[1]["gpm"], stored[1]["parea_weight"]) == (True, True, 0.5)
+    markdown = (out / "ablation.md").read_text()
+    assert "| variant | box AP |" in markdown and "| all |" in markdown
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr("rsiseg.engine.trainer.Trainer.fit", no_training)
+    assert main(argv) == 0  # both runs reused
+
+
+def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "maskrcnn_tiny.yaml"
+    assert main(["ablate", str(config), "--out", str(tmp_path / "a")]) == 2
+    assert "varies model.prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ablate", str(config), "--variants", "baseline,nope", "--out", str(tmp_path / "a")])
