@@ -127,7 +127,10 @@ class PromptConfig:
 
     lpm: bool = True  # local prompt module: image crop per box, patch tokens + learnable-FFT tokens, MLP mixing
     gpm: bool = True  # global-to-local prompt module: box tokens cross-attend to whole-image tokens
-    parea_weight: float = 1.0  # weight of the proposals' area loss (loss_parea); 0 = off
+    # Weight of the proposals' area loss (loss_parea); 0 = off. At 1.0 its gradient on the RPN's box layer was
+    # 130x that of the RPN box loss (bench/bench_loss_gradients.py on an SSDD run, BENCHMARKS.md) and the
+    # detector collapsed; 0.01 brings the two to the same size.
+    parea_weight: float = 0.01
     parea_iou_floor: float = 0.5  # proposals count in loss_parea when their best IoU with a ground-truth box is above this
     crop_size: int = 28  # S_ps: side of each box's crop of the input image
     dim: int = 64  # token width of both modules

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,9 @@ def test_segment_refuses_bad_prompts(untrained_checkpoint: str) -> None:
     with pytest.raises(ValueError, match=r"box prompt 1 \[30.0, 5.0, 20.0, 9.0\].*1 of 2"):
         predictor.segment(image, boxes=[[0, 0, 5, 5], [30, 5, 20, 9]])
     assert check_boxes([], (10, 10)).shape == (0, 4)
+    without_roi_heads = Predictor(replace(predictor.loaded, model=torch.nn.Conv2d(3, 1, 1)))
+    with pytest.raises(ValueError, match="takes no prompts"):
+        without_roi_heads.segment(image, boxes=[[0, 0, 5, 5]])
     with pytest.raises(ValueError, match="meets the 10x10 image"):
         check_boxes([[20, 20, 30, 30]], (10, 10))
 
@@ -80,7 +84,8 @@ def test_prompt_command_writes_one_entry_per_box(untrained_checkpoint: str, tmp_
 
 
 def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Path], tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     raw = tiny_config_dict(synth_data, tmp_path / "unused")
     raw["model"].update(name="maskrcnn_r18_prompt",
                         prompt={"dim": 16, "global_size": 64, "heads": 2, "blocks": 1, "parea_weight": 0.5})
@@ -105,6 +110,9 @@ def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Pat
 
     monkeypatch.setattr("rsiseg.engine.trainer.Trainer.fit", no_training)
     assert main(argv) == 0  # both runs reused
+    changed = argv[:3] + ["model.prompt.dim=8"] + argv[3:]
+    assert main(changed) == 2  # a finished run trained with other settings is not mixed into the table
+    assert "trained with model.prompt.dim=16, but this run asks for 8" in capsys.readouterr().err
 
 
 def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

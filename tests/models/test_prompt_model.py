@@ -42,6 +42,13 @@ def test_area_loss_matches_a_hand_computed_example() -> None:
     assert proposal_area_loss([proposals], [gt], iou_floor=0.85).item() == pytest.approx((20 / 201) ** 2)
 
 
+def test_area_loss_of_half_precision_boxes_does_not_overflow() -> None:
+    gt = torch.tensor([[0.0, 0.0, 600.0, 500.0]], dtype=torch.float16)  # 300,000 px²: past float16's 65,504
+    proposals = torch.tensor([[0.0, 0.0, 600.0, 550.0]], dtype=torch.float16, requires_grad=True)
+    loss = proposal_area_loss([proposals], [gt], eps=0.0)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.1 ** 2, rel=1e-3)
+
+
 def test_area_loss_without_kept_proposals_is_an_attached_zero() -> None:
     proposals = torch.tensor([[0.0, 0.0, 5.0, 5.0]], requires_grad=True)
     loss = proposal_area_loss([proposals, proposals[:0]], [torch.tensor([[90.0, 90, 99, 99]]), torch.zeros(0, 4)])

@@ -59,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def variant_config(base: Any, name: str, out: Path) -> Any:
-    """``base`` with the variant's switches and its run folder; the area-loss weight is the config's (1 if 0)."""
+    """``base`` with the variant's switches and its run folder; the area-loss weight is the config's (the
+    default weight where the config has it off)."""
+    from rsiseg.config import PromptConfig
+
     lpm, gpm, parea = VARIANTS[name]
-    weight = base.model.prompt.parea_weight or 1.0
+    weight = base.model.prompt.parea_weight or PromptConfig().parea_weight
     overrides = [f"model.prompt.lpm={str(lpm).lower()}", f"model.prompt.gpm={str(gpm).lower()}",
                  f"model.prompt.parea_weight={weight if parea else 0}", f"train.output_dir={out / name}"]
     return apply_overrides(base, overrides, source=f"ablation variant {name}")

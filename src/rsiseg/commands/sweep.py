@@ -52,10 +52,42 @@ def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> dict[str, Any]
 
     run_dir = Path(cfg.train.output_dir)
     if (run_dir / "metrics.json").is_file():
+        check_same_config(cfg, run_dir, name)
         log.info("%s: finished run found in %s, reused", name, run_dir)
     else:
         Trainer(cfg, overwrite=True, progress=progress).fit()
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
+    """Refuse to reuse a finished run whose stored ``config.yaml`` differs from ``cfg`` (a changed default,
+    config or override would otherwise mix two settings in one table).
+
+    Raises:
+        ValueError: naming the first differing key and both values.
+    """
+    import yaml
+
+    from rsiseg.config import to_dict
+
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # through YAML, as the run stored it
+    difference = _first_difference(stored, wanted)
+    if difference is not None:
+        key, old, new = difference
+        raise ValueError(f"{name}: the finished run in {run_dir} was trained with {key}={old!r}, but this run asks "
+                         f"for {new!r}; remove that folder to train it again, or choose another --out")
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key whose value differs between two nested dicts, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (prefix.rstrip("."), old, new)
 
 
 def _run_config(args: argparse.Namespace, value: str, out: Path):

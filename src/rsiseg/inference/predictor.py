@@ -196,6 +196,8 @@ class Predictor:
             gives full-size masks.
         """
         name = self.loaded.config.model.name
+        if not hasattr(self.loaded.model, "roi_heads"):
+            raise ValueError(f"model {name!r} takes no prompts: box prompts need an R-CNN (a model with RoI heads)")
         if points is not None or point_labels is not None:
             raise ValueError(f"model {name!r} takes box prompts only, not points")
         if boxes is None:

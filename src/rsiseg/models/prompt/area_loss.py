@@ -61,6 +61,7 @@ def proposal_area_loss(proposals: list[Tensor], gt_boxes: list[Tensor], iou_floo
     """
     errors = []
     for boxes, gt in zip(proposals, gt_boxes):
+        boxes, gt = boxes.float(), gt.float()  # areas in float16 overflow past 256 x 256 px
         best, index = best_iou_match(boxes.detach(), gt)
         keep = best > iou_floor
         if keep.any():
@@ -112,8 +113,9 @@ class AreaLossRegionProposalNetwork(DenseRegionProposalNetwork):
         proposals, start = [], 0
         for image_anchors, image_labels in zip(anchors, labels):
             positive = torch.where(image_labels == 1)[0]
-            deltas = pred_bbox_deltas[start: start + len(image_labels)][positive]
-            proposals.append(self.box_coder.decode_single(deltas, image_anchors[positive]))
+            # float32: under autocast the deltas are float16, whose areas overflow past 256 x 256 px.
+            deltas = pred_bbox_deltas[start: start + len(image_labels)][positive].float()
+            proposals.append(self.box_coder.decode_single(deltas, image_anchors[positive].float()))
             start += len(image_labels)
         self._area_loss = proposal_area_loss(proposals, gt_boxes, self.area_iou_floor)
         return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
