@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsiseg.config import apply_overrides, load_config
+from rsiseg.config import PromptConfig, apply_overrides, load_config
 from rsiseg.evaluation.metrics import metric_value, percent
 from rsiseg.fileio import atomic_write
 
@@ -61,8 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def variant_config(base: Any, name: str, out: Path) -> Any:
     """``base`` with the variant's switches and its run folder; the area-loss weight is the config's (the
     default weight where the config has it off)."""
-    from rsiseg.config import PromptConfig
-
     lpm, gpm, parea = VARIANTS[name]
     weight = base.model.prompt.parea_weight or PromptConfig().parea_weight
     overrides = [f"model.prompt.lpm={str(lpm).lower()}", f"model.prompt.gpm={str(gpm).lower()}",

@@ -14,7 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rsiseg.config import apply_overrides, load_config
+import yaml
+
+from rsiseg.config import apply_overrides, load_config, to_dict
 from rsiseg.evaluation.metrics import metric_value, percent
 from rsiseg.fileio import atomic_write
 
@@ -66,10 +68,6 @@ def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
     Raises:
         ValueError: naming the first differing key and both values.
     """
-    import yaml
-
-    from rsiseg.config import to_dict
-
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
     wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # through YAML, as the run stored it
     difference = _first_difference(stored, wanted)

@@ -120,6 +120,11 @@ def check_cascade_config(cascade: CascadeConfig, num_stage_heads: int) -> None:
         raise ValueError(f"{num_stage_heads} stage heads were given but model.cascade.stage_ious has {stages} stages")
 
 
+def mean_stage_probs(logits: list[Tensor]) -> Tensor:
+    """The cascade's class probabilities: the mean over the stages of each stage's softmax ``[K, num_classes + 1]``."""
+    return torch.stack([stage_logits.softmax(-1) for stage_logits in logits]).mean(0)
+
+
 def stage_box_loss(
     class_logits: Tensor, deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor],
 ) -> tuple[Tensor, Tensor]:
@@ -185,8 +190,7 @@ class CascadeMaskRoIHeads(CompactMaskRoIHeads):
             self.check_targets(targets)
             return [], self.training_losses(features, proposals, image_shapes, targets, prompt_context)
         boxes, logits = self.run_stages(features, proposals, image_shapes, prompt_context)
-        probs = torch.stack([stage_logits.softmax(-1) for stage_logits in logits]).mean(0)
-        boxes, scores, labels = self.select_detections(boxes, probs, image_shapes)
+        boxes, scores, labels = self.select_detections(boxes, mean_stage_probs(logits), image_shapes)
         return self.detections(features, boxes, scores, labels, image_shapes, prompt_context), {}
 
     def training_losses(
@@ -320,8 +324,7 @@ class CascadeMaskRoIHeads(CompactMaskRoIHeads):
     ) -> Tensor:
         """``[sum K_i, num_classes + 1]`` class probabilities of given boxes (for box prompts), background
         first: the cascade's mean over the stages, the first stage scoring the given boxes."""
-        logits = self.run_stages(features, boxes, image_shapes, prompt_context)[1]
-        return torch.stack([stage_logits.softmax(-1) for stage_logits in logits]).mean(0)
+        return mean_stage_probs(self.run_stages(features, boxes, image_shapes, prompt_context)[1])
 
     def box_class_logits(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
