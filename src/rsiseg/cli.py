@@ -158,6 +158,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--missed-iou", type=unit_float, default=0.5, metavar="IOU",
                    help="an instance is missed when no same-class detection scoring >= 0.05 has this box IoU "
                    "with it (default 0.5)")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    _add_tiling(p, predict=False)
     p.set_defaults(handler=_run_eval)
 
 
@@ -190,10 +192,56 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="drop detections below, in [0, 1] (default 0.3)")
     p.add_argument("--max-detections", type=int_in_range(1, 1000),
                    help="keep at most this many per image, 1..1000 (the model's limit)")
-    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (the overviews with --tiled)")
     p.add_argument("--batch-size", type=int_in_range(1), default=2, help="images per forward pass (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    _add_tiling(p, predict=True)
     p.set_defaults(handler=_run_predict)
+
+
+EXACT_HELP = ("run the checkpoint's modules unchanged; by default the batch norms are folded into their "
+              "convolutions and the weights stored channels-last: the same outputs up to float rounding, faster")
+
+
+def _add_tiling(p: argparse.ArgumentParser, *, predict: bool) -> None:
+    """The ``--tiled`` options of ``predict`` (with the output options) and ``eval``."""
+    g = p.add_argument_group(
+        "whole scenes (--tiled)",
+        "Scenes of any size (PNG, JPEG, TIFF, GeoTIFF) are read window by window, predicted in tiles and merged "
+        "across tile borders (the `data merge` fusion and suppression). "
+        + ("Writes predictions.json in scene pixels, images.json, summary.json (instances per class), "
+           "vectors/<stem>.geojson or .gpkg (one polygon per instance in the raster's CRS, pixel coordinates "
+           "without one) and overviews/<stem>.png." if predict else
+           "Scores the merged scene predictions against the scene-level ground truth (raise --max-dets for "
+           "scenes with more instances than the preset's last maxDets)."))
+    g.add_argument("--tiled", action="store_true",
+                   help="predict every input tiled" + (" (automatic above --tile-above)" if predict else ""))
+    if predict:
+        g.add_argument("--tile-above", type=int_in_range(1), default=4096, metavar="PX",
+                       help="switch to --tiled when an input has a side longer than this (default 4096)")
+    g.add_argument("--tile-size", type=int_in_range(32), default=800, metavar="PX", help="tile side (default 800)")
+    g.add_argument("--tile-overlap", type=int_in_range(0), default=200, metavar="PX",
+                   help="pixels shared by neighbouring tiles (default 200)")
+    g.add_argument("--tile-batch", type=int_in_range(1), default=4, metavar="N", help="tiles per forward (default 4)")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="multi-scale pass: resize factors of every tile, e.g. 1.0 0.5 (default 1.0)")
+    g.add_argument("--bands", metavar="B,B,B",
+                   help="1-based raster bands in the model's band order, e.g. 3,2,1 (default: the first "
+                   "model.in_channels bands; a 1-band scene is repeated to 3 bands for a 3-band model)")
+    g.add_argument("--merge", choices=["union", "suppress"], default="union",
+                   help="cross-tile merge: union fuses the fragments of objects cut by tile borders, suppress "
+                   "keeps the best one, preferring a copy that lies wholly inside a tile (default union)")
+    g.add_argument("--merge-iou", type=unit_float, default=0.5, help="suppress duplicates at mask IoU >= this")
+    g.add_argument("--merge-ios", type=unit_float, default=0.7,
+                   help="suppress duplicates at intersection over the smaller mask >= this")
+    if predict:
+        g.add_argument("--vector-format", choices=["geojson", "gpkg", "none"], default="geojson",
+                       help="polygon output (default geojson)")
+        g.add_argument("--simplify", type=float, default=0.5, metavar="PX",
+                       help="polygon simplification tolerance in pixels, 0 keeps pixel edges (default 0.5)")
+        g.add_argument("--overview-size", type=int_in_range(64), default=2048, metavar="PX",
+                       help="longer side of overviews/<stem>.png (default 2048)")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

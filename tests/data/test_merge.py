@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from rsiseg.commands import data_merge
-from rsiseg.data.merge import merge_predictions, paste_rle
+from rsiseg.data.merge import make_item, merge_predictions
 from rsiseg.data.tiling import split_coco
 from rsiseg.structures import segmentation_to_rle
 
@@ -67,14 +67,17 @@ def _match(scenes: dict, results: list[dict]) -> tuple[list[float], list[int]]:
     return best, hits
 
 
-def test_paste_rle_equals_full_canvas() -> None:
+def test_make_item_equals_full_canvas() -> None:
     rng = np.random.default_rng(1)
-    mask = (rng.random((60, 80)) > 0.7).astype(np.uint8)
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[5:50, 10:70] = rng.random((45, 60)) > 0.7
     canvas = np.zeros((200, 300), dtype=np.uint8)
     canvas[100:160, 220:300] = mask
-    rle = paste_rle(mask, 220, 100, 200, 300)
-    assert np.array_equal(mask_utils.decode(rle), canvas)
-    assert paste_rle(np.zeros((5, 5), np.uint8), 0, 0, 10, 10) is None
+    item = make_item(mask, 220, 100, (200, 300), source=1, category_id=1, score=0.5, window=(200, 80, 100, 120))
+    assert np.array_equal(mask_utils.decode(item.rle), canvas)
+    assert item.box == (230, 105, 60, 45) and item.area == float(mask.sum())
+    assert make_item(np.zeros((5, 5), np.uint8), 0, 0, (10, 10), source=1, category_id=1, score=0.5,
+                     window=(0, 0, 10, 10)) is None
 
 
 def test_round_trip_rectangles(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="suppress duplicates at intersection over the smaller area >= this")
     parser.add_argument("--border-px", type=int, default=2,
                         help="a mask this close to an inner patch edge counts as cut by it")
+    parser.add_argument("--policy", choices=["union", "suppress"], default="union",
+                        help="union fuses the fragments of objects cut by patch borders; suppress keeps the best "
+                        "one, preferring a copy that lies wholly inside a patch (default union)")
     parser.add_argument("--scenes", default=None, metavar="SCENES.json",
                         help="COCO JSON of the scenes, for their exact sizes (default: extent of the patches)")
 
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     scenes = read_coco_json(Path(args.scenes))["images"] if args.scenes else None
     stats: dict[str, int] = {}
     results, images = merge_predictions(predictions, patches, iou_threshold=args.iou, ios_threshold=args.ios,
-                                        border_px=args.border_px, scene_images=scenes, stats=stats)
+                                        border_px=args.border_px, policy=args.policy,
+                                        scene_images=scenes, stats=stats)
     out = Path(args.out)
     for name, data in (("scene_predictions.json", results), ("scene_images.json", images)):
         atomic_write(out / name, lambda handle, data=data: json.dump(data, handle))

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from rsiseg.checkpoint import load_checkpoint
+from rsiseg.commands.predict_tiled import parse_bands, predict_coco_scenes, tile_options, warn_if_resized
 from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
+from rsiseg.data.coco_index import read_coco_json
 from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table
 from rsiseg.evaluation.metrics import write_metrics
 from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prompted_table
@@ -40,8 +42,10 @@ def run_eval(args: argparse.Namespace) -> int:
     top = eval_cfg.max_dets[-1] if eval_cfg.max_dets else (1000 if eval_cfg.preset == "isaid" else 100)
     # The model must be allowed to return as many detections as the metric counts.
     overrides = {"detections_per_img": min(top, 1000)} if top > cfg.model.detections_per_img else None
+    if args.tiled:
+        return _eval_tiled(args, state, overrides, ann, images, eval_cfg)
     dataset = CocoInstanceDataset(ann, images, in_channels=cfg.model.in_channels, repair=cfg.data.repair)
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
+    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
     label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, dataset.index.categories, parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann),
@@ -53,6 +57,27 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {ann}", format_metrics_table(metrics), results)
     print(dataset.summary())
+    return 0
+
+
+def _eval_tiled(args: argparse.Namespace, state: dict[str, Any], overrides: dict[str, Any] | None, ann: str,
+                images: str, eval_cfg: EvalConfig) -> int:
+    """COCO metrics of tiled, merged whole-scene predictions against the scene-level ground truth."""
+    if args.prompt_missed:
+        raise ValueError("--prompt-missed and --tiled cannot be combined")
+    options = tile_options(args, score_threshold=0.0)  # AP ranks every detection the model returns
+    coco = read_coco_json(Path(ann))
+    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    loaded.label_to_category = map_labels_to_categories(
+        loaded.class_names, loaded.label_to_category, coco["categories"], parse_class_map(args.class_map),
+        model_source=str(args.checkpoint), data_source=str(ann))
+    warn_if_resized(loaded, options)
+    results = predict_coco_scenes(loaded, coco, Path(images), options, parse_bands(args.bands), not args.quiet)
+    metrics = evaluate_coco(ann, results, iou_types=("bbox", "segm"), preset=eval_cfg.preset,
+                            max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval_tiled"
+    title = f"{Path(args.checkpoint).name} on {ann}, tiled {options.size} px / {options.overlap} px overlap"
+    _write_outputs(out, metrics, title, format_metrics_table(metrics), results)
     return 0
 
 
@@ -70,7 +95,7 @@ def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: Experim
         raise ValueError("--data LABELS_DIR needs --images IMAGES_DIR, the images those labels belong to")
     task = get_task("semantic")
     dataset = task.dataset(cfg, images, labels)
-    loaded = model_from_state(state, args.device, source=args.checkpoint)
+    loaded = model_from_state(state, args.device, source=args.checkpoint, fast=not args.exact)
     if list(loaded.class_names) != list(dataset.class_names):
         raise ValueError(f"{args.checkpoint} predicts the classes {loaded.class_names} but the labels in {labels} "
                          f"have {dataset.class_names}")

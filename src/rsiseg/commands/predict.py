@@ -44,8 +44,8 @@ from rsiseg.inference.visualize import save_overlay, to_display_rgb
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-# What a predict run writes into --out; --overwrite replaces exactly these.
-OUTPUTS = ("predictions.json", "images.json", "overlays")
+# What a predict run writes into --out, plain or tiled; --overwrite replaces exactly these.
+OUTPUTS = ("predictions.json", "images.json", "overlays", "vectors", "overviews", "summary.json")
 _STAGING_PREFIX = ".predict-"
 
 
@@ -152,13 +152,17 @@ def _run(args: argparse.Namespace) -> int:
         from rsiseg.commands.predict_semantic import run_semantic_predict
 
         return run_semantic_predict(args, state)
+    from rsiseg.commands.predict_tiled import needs_tiling, run_tiled_predict
+
+    if needs_tiling(args):
+        return run_tiled_predict(args, state, OUTPUTS)
     out = Path(args.out)
     check_out_folder(out, args.overwrite)
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint)
-    categories, label_to_category = _categories(loaded, args, coco)
+    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    categories, label_to_category = output_categories(loaded, args, coco)
     with staged_outputs(out) as staging:
         results, entries = _predict_all(found, loaded, label_to_category, staging, args)
         images_json = {"images": entries, "categories": categories, "score_threshold": args.score_threshold,
@@ -205,7 +209,7 @@ def _unreadable_reason(path: Path, required_by: str | None) -> str | None:
     return reason
 
 
-def _categories(loaded: LoadedModel, args: argparse.Namespace,
+def output_categories(loaded: LoadedModel, args: argparse.Namespace,
                 coco: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[int]]:
     """The categories to write and each label's category id: the ``--from-coco`` JSON's, else the model's."""
     if coco is None:

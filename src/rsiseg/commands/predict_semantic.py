@@ -45,7 +45,7 @@ def run_semantic_predict(args: argparse.Namespace, state: dict[str, Any]) -> int
     out = Path(args.out)
     check_out_folder(out, args.overwrite, OUTPUTS)
     found = collect_images(args.inputs, None, None, args.limit, args.strict)
-    loaded = model_from_state(state, args.device, source=args.checkpoint)
+    loaded = model_from_state(state, args.device, source=args.checkpoint, fast=not args.exact)
     palette = palette_for(loaded.class_names, state.get("classes", {}).get("palette"))
     with staged_outputs(out, OUTPUTS) as staging:
         entries = _predict_all(found, loaded, palette, staging, args.quiet)
