@@ -66,3 +66,17 @@ def test_only_certain_pairs_are_folded() -> None:
     assert prepare_for_inference(seq, channels_last=True) == {"folded": 1, "channels_last": True}
     torch.testing.assert_close(seq(x), expected, atol=1e-5, rtol=1e-5)
     assert isinstance(seq[1], nn.Identity)
+
+
+def test_fast_prompt_model_keeps_its_fourier_weights_usable() -> None:
+    """Channels-last applies to convolution weights only: the LPM's Fourier filter still runs."""
+    torch.manual_seed(0)
+    model = build_model(tiny(name="maskrcnn_r18_prompt", box_score_thresh=0.0)).eval()
+    image = torch.rand(3, 128, 128)
+    with torch.no_grad():
+        before = model([image])[0]
+    prepare_for_inference(model, channels_last=True)
+    with torch.no_grad():
+        after = model([image])[0]
+    assert len(after["scores"]) == len(before["scores"])
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)

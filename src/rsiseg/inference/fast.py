@@ -72,13 +72,15 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def prepare_for_inference(model: nn.Module, channels_last: bool = False) -> dict[str, int | bool]:
-    """Put ``model`` in eval mode, fold its batch norms and optionally switch it to channels-last memory.
+    """Put ``model`` in eval mode, fold its batch norms and optionally store its convolution weights channels-last.
 
     Returns:
         What was done: ``folded`` norms and ``channels_last``.
     """
     model.eval()
     folded = fold_batchnorm(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if channels_last:  # convolution weights only: other 4-D parameters (e.g. Fourier weights) keep their layout
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return {"folded": folded, "channels_last": channels_last}
