@@ -39,9 +39,7 @@ class RasterScene:
         if not self.path.is_file():
             raise FileNotFoundError(f"scene not found: {self.path}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self._dataset = rasterio.open(self.path)
+            self._dataset = _open(self.path)
         except RasterioError as err:
             raise ImageReadError(f"{self.path}: not a readable raster ({err})") from None
         ds = self._dataset
@@ -130,9 +128,14 @@ class RasterScene:
 def scene_size(path: str | Path) -> tuple[int, int] | None:
     """``(H, W)`` of a raster from its header, or None when rasterio cannot open it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                return int(ds.height), int(ds.width)
+        with _open(path) as ds:
+            return int(ds.height), int(ds.width)
     except RasterioError:
         return None
+
+
+def _open(path: str | Path) -> rasterio.io.DatasetReader:
+    """``rasterio.open`` without the warning for rasters that have no georeferencing (reported by the caller)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)

@@ -177,8 +177,3 @@ def class_counts(items: list[SceneItem], names: dict[int, str]) -> dict[str, int
     """Instances per class name, in category order."""
     counts = Counter(item.category_id for item in items)
     return {names.get(c, str(c)): counts[c] for c in sorted(counts)}
-
-
-def scene_is_large(height: int, width: int, tile_size: int) -> bool:
-    """Whether a scene needs tiling: a side longer than two tiles (``predict`` switches to ``--tiled``)."""
-    return max(height, width) > 2 * tile_size
