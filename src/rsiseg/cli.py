@@ -25,6 +25,11 @@ EPILOG = """examples:
 
 # (name, help, description) of the `rsiseg data` commands whose bodies live in rsiseg/commands/data_<name>.py.
 DATA_COMMANDS = [
+    ("subset", "a reproducible by-image subset of a COCO instances JSON (e.g. iSAID-100 = 40%%)",
+     "Keep round(fraction x images), at least 1, or --count images, drawn with numpy default_rng(seed) over the "
+     "images sorted by id, so the same file and seed give the same subset whatever the image order; for one seed a "
+     "smaller subset lies inside a larger one. Keeps the kept images' annotations only, in file order; categories, "
+     "info, licenses and other top-level keys are copied unchanged. iSAID-100: --fraction 0.4 --seed 42."),
     ("split", "cut large scenes and their annotations into overlapping patches (iSAID devkit scheme)",
      "Cut scenes into size x size patches with the given overlap (stride = size - overlap; the last patch of a "
      "row or column ends flush with the border; small images stay whole). Patch names and image entries record "
@@ -107,7 +112,7 @@ MODULE_COMMANDS = [
     ("overfit", "train on K images until the model fits them; ground truth next to predictions (a debugging aid)"),
     ("explain", "Grad-CAM of each detected instance's class score on a backbone or FPN level, as overlays"),
     ("prompt", "a mask, a class and a score for each user box on an image (box prompts)"),
-    ("ablate", "train and evaluate a prompt config's variants (baseline, lpm, gpm, parea, all): Table II"),
+    ("ablate", "train and evaluate a family's ablation variants (prompt modules; YOLACT vs RELACT) in one table"),
 ]
 
 

@@ -147,6 +147,38 @@ class PromptConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """``model.yolact.phase``: RELACT's phase enhancement of FPN levels (:mod:`rsiseg.models.layers.fourier`)."""
+
+    enabled: bool = False
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5])  # FPN levels (P3-P7) that are enhanced
+    amplitude: str = "mean"  # mean (every frequency gets the channel's mean amplitude) | unit (phase only, |F| = 1)
+    kernel: int = 1  # side of the projection convolution of the phase-only map (1 or 3)
+    gate: str = "channel"  # channel | scalar: the learnable gate of the residual, 0 at start
+
+
+@dataclass
+class YolactConfig:
+    """``model.yolact``: YOLACT and RELACT (``yolact_*`` models); RELACT = ``phase.enabled`` + ``sorting: quality``."""
+
+    num_prototypes: int = 32  # k
+    head_channels: int = 256  # width of the shared prediction head's first conv
+    pos_iou: float = 0.5  # anchor matching: positive at IoU >= this...
+    neg_iou: float = 0.4  # ...negative below this; in between ignored
+    negpos_ratio: int = 3  # online hard-negative mining: negatives per positive
+    mask_size: int = 56  # M: the assembled masks are sampled M x M inside each box (loss and roi_masks)
+    masks_per_image: int = 100  # positives per image whose masks are trained (a random draw above it)
+    conf_weight: float = 1.0
+    box_weight: float = 1.5
+    mask_weight: float = 6.125
+    semantic_weight: float = 1.0  # auxiliary semantic loss on P3; 0 = off
+    quality_weight: float = 1.0  # mask-quality head's loss (only with sorting: quality)
+    sorting: str = "confidence"  # confidence (YOLACT) | quality (RELACT: confidence x predicted mask IoU)
+    pre_nms_top_k: int = 1000  # per class, candidates kept for Fast NMS
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+
+
+@dataclass
 class ModelConfig:
     """Model architecture; ``name`` picks a builder from ``rsiseg.models.registry.MODELS``."""
 
@@ -184,6 +216,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    yolact: YolactConfig = field(default_factory=YolactConfig)
 
 
 @dataclass
@@ -224,6 +257,7 @@ class TrainConfig:
     wandb: bool = False  # also log the scalars to Weights & Biases (pip extra `wandb`; WANDB_MODE=offline honoured)
     wandb_project: str = "rsiseg"
     time_budget: float | None = None  # minutes of training per invocation, then checkpoint + final eval; null = off
+    freeze_backbone_epochs: int = 0  # two-stage training: the backbone body stays frozen for these first epochs
 
 
 @dataclass
@@ -370,6 +404,17 @@ RULES: dict[str, Check] = {
     "model.prompt.fusion": _one_of(("add", "gated")),
     "model.prompt.gt_prompt_ratio": _FRACTION,
     "model.prompt.gt_prompt_jitter": _rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    **{f"model.yolact.{k}": _POSITIVE for k in ("num_prototypes", "head_channels", "negpos_ratio", "mask_size",
+                                                "masks_per_image", "pre_nms_top_k")},
+    **{f"model.yolact.{k}": _NON_NEGATIVE for k in ("conf_weight", "box_weight", "mask_weight", "semantic_weight",
+                                                    "quality_weight")},
+    **{f"model.yolact.{k}": _FRACTION for k in ("pos_iou", "neg_iou")},
+    "model.yolact.sorting": _one_of(("confidence", "quality")),
+    "model.yolact.phase.levels": _rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and all(3 <= x <= 7 for x in v),
+                                       "must be distinct FPN levels from 3..7"),
+    "model.yolact.phase.amplitude": _one_of(("mean", "unit")),
+    "model.yolact.phase.kernel": _rule(lambda v: v in (1, 3), "must be 1 or 3"),
+    "model.yolact.phase.gate": _one_of(("channel", "scalar")),
     **{f"model.{k}": _POSITIVE for k in ("num_classes", "in_channels", "fpn_channels", "min_size", "max_size",
                                          "rpn_batch_size_per_image", "roi_batch_size_per_image",
                                          "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
@@ -408,6 +453,7 @@ RULES: dict[str, Check] = {
                           "must be auto, cpu, cuda, cuda:N or mps"),
     "train.log_interval": _POSITIVE,
     "train.time_budget": _optional(_POSITIVE, "off"),
+    "train.freeze_backbone_epochs": _NON_NEGATIVE,
     "eval.preset": _one_of(PRESETS),
     "eval.max_dets": _optional(_rule(lambda v: len(v) == 3 and 0 < v[0] < v[1] < v[2],
                                      "must be three increasing positive ints"), "the preset's"),
@@ -442,6 +488,9 @@ def validate_config(cfg: ExperimentConfig, source: str = "config") -> Experiment
         low, high = getattr(model, f"{stage}_bg_iou"), getattr(model, f"{stage}_fg_iou")
         if low > high:
             problems.append(f"'model.{stage}_bg_iou' = {low!r} must be <= model.{stage}_fg_iou ({high!r})")
+    if model.yolact.neg_iou > model.yolact.pos_iou:
+        problems.append(f"'model.yolact.neg_iou' = {model.yolact.neg_iou!r} must be <= model.yolact.pos_iou "
+                        f"({model.yolact.pos_iou!r})")
     for key in ("image_mean", "image_std"):
         if len(getattr(model, key)) != model.in_channels:
             problems.append(f"'model.{key}' has {len(getattr(model, key))} values but model.in_channels is "

@@ -118,6 +118,6 @@ def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Pat
 def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = Path(__file__).resolve().parents[2] / "configs" / "maskrcnn_tiny.yaml"
     assert main(["ablate", str(config), "--out", str(tmp_path / "a")]) == 2
-    assert "varies model.prompt" in capsys.readouterr().err
+    assert "varies model.prompt, model.yolact" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ablate", str(config), "--variants", "baseline,nope", "--out", str(tmp_path / "a")])

@@ -1,12 +1,17 @@
-"""``rsiseg ablate``: the prompt modules' ablation (Table II of Insight Any Instance) in one command.
+"""``rsiseg ablate``: a family's ablation table in one command (prompt modules; RELACT's additions).
 
-``rsiseg ablate CONFIG --variants baseline,lpm,gpm,parea,all --out DIR`` trains and evaluates each
-variant of a ``*_prompt`` config under the same schedule, data and seed; only the switches of
-``model.prompt`` differ (:data:`VARIANTS`). Each run is a normal run folder ``DIR/<variant>``; a
-finished one is reused, so an interrupted ablation continues where it stopped. Every other prompt
-option (``gt_prompt_ratio``, ``fuse``, ...) stays as the config sets it. Writes ``DIR/ablation.md``
-and ``DIR/ablation.json``: box AP/AP50/AP75, mask AP/AP50/AP75, mask APs/APm/APl, FPS (batch 1,
-the first validation image, on this run's device) and parameters.
+``rsiseg ablate CONFIG --variants A,B,... --out DIR`` trains and evaluates each variant of a config under
+the same schedule, data and seed; only the family's switches differ (:data:`ABLATIONS`):
+
+* ``*_prompt`` models (Table II of Insight Any Instance): ``baseline``, ``lpm``, ``gpm``, ``parea``,
+  ``lpm+gpm``, ``all``, varying ``model.prompt``'s ``lpm``, ``gpm`` and the area-loss weight;
+* ``yolact_*`` models (the RELACT ablation): ``yolact``, ``+phase``, ``+sorting``, ``relact``, varying
+  ``model.yolact.phase.enabled`` and ``model.yolact.sorting`` (``confidence`` or ``quality``).
+
+Each run is a normal run folder ``DIR/<variant>``; a finished one is reused, so an interrupted ablation
+continues where it stopped. Every other option stays as the config sets it. Writes ``DIR/ablation.md``
+and ``DIR/ablation.json``: box AP/AP50/AP75, mask AP/AP50/AP75, mask APs/APm/APl, FPS (batch 1, the
+first validation image, on this run's device), parameters and GFLOPs at that image's size.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rsiseg.config import PromptConfig, apply_overrides, load_config
 from rsiseg.evaluation.metrics import metric_value, percent
@@ -24,47 +30,90 @@ from rsiseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
-# Each variant's switches: (lpm, gpm, proposals' area loss).
-VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    "baseline": (False, False, False),
-    "lpm": (True, False, False),
-    "gpm": (False, True, False),
-    "parea": (False, False, True),
-    "lpm+gpm": (True, True, False),
-    "all": (True, True, True),
+
+def _prompt_switches(lpm: bool, gpm: bool, parea: bool) -> Callable[[Any], list[str]]:
+    def overrides(base: Any) -> list[str]:  # the area-loss weight is the config's (the default where it is off)
+        weight = base.model.prompt.parea_weight or PromptConfig().parea_weight
+        return [f"model.prompt.lpm={str(lpm).lower()}", f"model.prompt.gpm={str(gpm).lower()}",
+                f"model.prompt.parea_weight={weight if parea else 0}"]
+
+    return overrides
+
+
+def _relact_switches(phase: bool, quality: bool) -> Callable[[Any], list[str]]:
+    return lambda base: [f"model.yolact.phase.enabled={str(phase).lower()}",
+                         f"model.yolact.sorting={'quality' if quality else 'confidence'}"]
+
+
+class Ablation(NamedTuple):
+    """A family's ablation: which models it applies to, the config section it varies, and each variant's
+    overrides as a function of the base config."""
+
+    applies: Callable[[str], bool]
+    section: str
+    variants: dict[str, Callable[[Any], list[str]]]
+
+
+ABLATIONS: dict[str, Ablation] = {
+    "prompt": Ablation(lambda name: name.endswith("_prompt"), "model.prompt", {
+        "baseline": _prompt_switches(False, False, False),
+        "lpm": _prompt_switches(True, False, False),
+        "gpm": _prompt_switches(False, True, False),
+        "parea": _prompt_switches(False, False, True),
+        "lpm+gpm": _prompt_switches(True, True, False),
+        "all": _prompt_switches(True, True, True),
+    }),
+    "relact": Ablation(lambda name: name.startswith("yolact_"), "model.yolact", {
+        "yolact": _relact_switches(False, False),
+        "+phase": _relact_switches(True, False),
+        "+sorting": _relact_switches(False, True),
+        "relact": _relact_switches(True, True),
+    }),
 }
 COLUMNS = [("box AP", "bbox/AP"), ("AP50", "bbox/AP50"), ("AP75", "bbox/AP75"),
            ("mask AP", "segm/AP"), ("AP50", "segm/AP50"), ("AP75", "segm/AP75"),
            ("APs", "segm/APs"), ("APm", "segm/APm"), ("APl", "segm/APl")]
 
 
+def ablation_for(model_name: str, config: str) -> Ablation:
+    """The ablation of ``model_name``'s family.
+
+    Raises:
+        ValueError: no family's switches apply to the model.
+    """
+    for ablation in ABLATIONS.values():
+        if ablation.applies(model_name):
+            return ablation
+    sections = ", ".join(a.section for a in ABLATIONS.values())
+    raise ValueError(f"rsiseg ablate varies {sections}: {config} uses model.name {model_name!r}, which has no "
+                     "ablation switches (use a *_prompt or a yolact_* model)")
+
+
 def variant_list(text: str) -> list[str]:
-    """``baseline,lpm,...`` as a list, each a key of :data:`VARIANTS` (argparse type)."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    """``a,b,...`` as a list of distinct names (argparse type); checked against the family in :func:`run`."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    known = {name for ablation in ABLATIONS.values() for name in ablation.variants}
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {', '.join(VARIANTS)}")
-    return list(dict.fromkeys(names))
+                                         + "; ".join(f"{key}: {', '.join(a.variants)}" for key, a in ABLATIONS.items()))
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a *_prompt experiment YAML (its model.prompt section is varied)")
+    parser.add_argument("config", help="a *_prompt or yolact_* experiment YAML (its family's switches are varied)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for every run")
-    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all of them)")
+    parser.add_argument("--variants", type=variant_list, default=None,
+                        help="comma-separated; prompt: " + ", ".join(ABLATIONS["prompt"].variants) + "; relact: "
+                        + ", ".join(ABLATIONS["relact"].variants) + " (default: all of the family's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder of the runs and the table")
     parser.add_argument("--speed-runs", type=int, default=10, help="timed forwards per variant for FPS (default 10)")
     parser.add_argument("--device", default="auto", help="device of the FPS measurement: auto | cpu | cuda")
 
 
-def variant_config(base: Any, name: str, out: Path) -> Any:
-    """``base`` with the variant's switches and its run folder; the area-loss weight is the config's (the
-    default weight where the config has it off)."""
-    lpm, gpm, parea = VARIANTS[name]
-    weight = base.model.prompt.parea_weight or PromptConfig().parea_weight
-    overrides = [f"model.prompt.lpm={str(lpm).lower()}", f"model.prompt.gpm={str(gpm).lower()}",
-                 f"model.prompt.parea_weight={weight if parea else 0}", f"train.output_dir={out / name}"]
+def variant_config(base: Any, ablation: Ablation, name: str, out: Path) -> Any:
+    """``base`` with the variant's switches and its run folder ``out / name``."""
+    overrides = [*ablation.variants[name](base), f"train.output_dir={out / name}"]
     return apply_overrides(base, overrides, source=f"ablation variant {name}")
 
 
@@ -72,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
     from rsiseg.commands.sweep import train_or_reuse
 
     base = load_config(args.config, args.overrides)
-    if base.model.name not in prompt_models():
-        raise ValueError(f"rsiseg ablate varies model.prompt: {args.config} uses model.name {base.model.name!r}, "
-                         f"not one of {', '.join(sorted(prompt_models()))}")
+    ablation = ablation_for(base.model.name, args.config)
+    names = args.variants or list(ablation.variants)
+    foreign = [n for n in names if n not in ablation.variants]
+    if foreign:
+        raise ValueError(f"variant(s) {', '.join(foreign)} are not {ablation.section} variants; "
+                         f"choose from {', '.join(ablation.variants)}")
     out = Path(args.out)
-    configs = {name: variant_config(base, name, out) for name in args.variants}  # every variant checked first
+    configs = {name: variant_config(base, ablation, name, out) for name in names}  # every variant checked first
     rows = []
     for name, cfg in configs.items():
         try:
@@ -93,16 +145,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prompt_models() -> list[str]:
-    from rsiseg.models.registry import MODELS
-
-    return [name for name in MODELS if name.endswith("_prompt")]
-
-
 def speed_and_size(checkpoint: Path, device: str, runs: int) -> dict[str, Any]:
-    """``fps`` (batch 1 on the first validation image), ``params`` and the ``device`` of a run's model."""
+    """``fps`` (batch 1 on the first validation image), ``params``, ``gflops`` (that image) and the
+    ``device`` of a run's model."""
     from rsiseg.data.coco import CocoInstanceDataset
-    from rsiseg.evaluation.efficiency import describe_device, measure_speed
+    from rsiseg.evaluation.efficiency import count_flops, describe_device, measure_speed
     from rsiseg.inference.predictor import load_model
 
     loaded = load_model(checkpoint, device)
@@ -111,18 +158,20 @@ def speed_and_size(checkpoint: Path, device: str, runs: int) -> dict[str, Any]:
                                 in_channels=loaded.config.model.in_channels, load_targets=False)[0][0]
     speed = measure_speed(loaded.model, [image.to(loaded.device)], warmup=2, runs=runs)
     return {"fps": speed.fps, "params": sum(p.numel() for p in loaded.model.parameters()),
+            "gflops": count_flops(loaded.model, [image.to(loaded.device)]).total / 1e9,
             "device": describe_device(loaded.device), "image_size": list(image.shape[-2:])}
 
 
 def write_ablation(out: Path, config: str, rows: list[dict[str, Any]]) -> None:
-    """``ablation.json`` and the Markdown table ``ablation.md`` (Table II layout) of one row per variant."""
+    """``ablation.json`` and the Markdown table ``ablation.md`` (the papers' layout) of one row per variant."""
     atomic_write(out / "ablation.json", lambda fh: fh.write(json.dumps({"config": str(config), "runs": rows}, indent=1)))
-    header = "| variant | " + " | ".join(label for label, _ in COLUMNS) + " | FPS | params (M) |"
-    lines = [header, "|---" * (len(COLUMNS) + 3) + "|"]
+    header = "| variant | " + " | ".join(label for label, _ in COLUMNS) + " | FPS | params (M) | GFLOPs |"
+    lines = [header, "|---" * (len(COLUMNS) + 4) + "|"]
     for row in rows:
-        cells = [percent(row[key]) for _, key in COLUMNS] + [f"{row['fps']:.2f}", f"{row['params'] / 1e6:.2f}"]
+        cells = [percent(row[key]) for _, key in COLUMNS] + [f"{row['fps']:.2f}", f"{row['params'] / 1e6:.2f}",
+                                                             f"{row['gflops']:.2f}"]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Config `{config}`; FPS at batch 1 on {rows[0]['device']}, a {rows[0]['image_size'][1]}x"
-                 f"{rows[0]['image_size'][0]} validation image." if rows else "")
+    lines.append(f"Config `{config}`; FPS at batch 1 on {rows[0]['device']} and GFLOPs of a {rows[0]['image_size'][1]}"
+                 f"x{rows[0]['image_size'][0]} validation image." if rows else "")
     atomic_write(out / "ablation.md", lambda fh: fh.write("\n".join(lines) + "\n"))

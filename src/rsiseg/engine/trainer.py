@@ -1,7 +1,8 @@
 """The training loop: iterations, evaluation, checkpoints, exact resume.
 
 A run directory holds ``config.yaml`` (the resolved config), ``last.pth`` and ``best.pth``,
-``metrics.jsonl``, ``tensorboard/`` and ``curves.png``. ``resume=True`` continues from
+``metrics.jsonl``, ``tensorboard/`` and ``curves.png``. ``train.freeze_backbone_epochs`` trains in
+two stages (:mod:`rsiseg.engine.freeze`). ``resume=True`` continues from
 ``last.pth`` with the same iteration, optimizer, scheduler, scaler and RNG state; the data
 order is a function of (seed, epoch) and augmentation draws of (seed, epoch, index), so a
 resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -32,6 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from rsiseg.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rsiseg.config import ExperimentConfig, dump_config, to_dict
 from rsiseg.data.loader import collate, resolve_num_workers
+from rsiseg.engine.freeze import BackboneFreeze
 from rsiseg.engine.logging import RunLogger, format_progress, plot_curves
 from rsiseg.engine.optim import LRSchedule, build_optimizer
 from rsiseg.engine.preflight import preflight, prepare_run_dir
@@ -87,6 +89,8 @@ class Trainer:
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
         self.model = build_model(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
+        # Built after the optimizer, which must hold every parameter, the first stage's frozen ones included.
+        self.freeze = BackboneFreeze(self.model, cfg.train.freeze_backbone_epochs)
         self.iters_per_epoch = math.ceil(len(self.train_set) / cfg.train.batch_size)
         total = cfg.train.epochs * self.iters_per_epoch
         self.total_iters = min(total, cfg.train.max_iters) if cfg.train.max_iters else total
@@ -159,6 +163,7 @@ class Trainer:
     def train_step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float] | None:
         """One optimisation step; returns the losses, or None when a non-finite loss skipped it."""
         self.model.train()
+        self.freeze.hold_norms()
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, enabled=self.use_amp):
@@ -216,6 +221,7 @@ class Trainer:
     def _train_epoch(self, bar: tqdm) -> None:
         cfg = self.cfg.train
         self.sampler.set_epoch(self.epoch, skip=self.iteration - self.epoch * self.iters_per_epoch)
+        self.freeze.set_epoch(self.epoch)
         started = time.perf_counter()
         for images, targets in self.loader:
             losses = self.train_step(images, targets)

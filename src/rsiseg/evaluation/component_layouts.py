@@ -51,11 +51,24 @@ PROMPT_COMPONENTS = (
     ("prompt: fusion", ("roi_heads.prompter.project", "roi_heads.prompter.gate")),
 )
 
+# YOLACT and RELACT: one row per part; RELACT's phase blocks and mask-quality branch get their own rows.
+YOLACT_REQUIRES = ("backbone", "protonet", "head")
+YOLACT_COMPONENTS = (
+    ("backbone", ("backbone.body",)),
+    ("fpn", ("backbone.fpn",)),
+    ("phase enhancement", ("phase",)),
+    ("protonet", ("protonet",)),
+    ("prediction head", ("head.upfeature", "head.conf", "head.box", "head.coef")),
+    ("mask quality", ("head.quality",)),
+    ("semantic head", ("semantic_head",)),
+)
+
 # A new family with a fixed anatomy adds its layout here; the first that applies is used, and a model
 # that none fits falls back to its top-level children.
 LAYOUTS: tuple[Layout, ...] = (
     Layout(RCNN_REQUIRES, RCNN_COMPONENTS + PROMPT_COMPONENTS, model_types=(PromptRCNN,)),
     Layout(RCNN_REQUIRES, RCNN_COMPONENTS),
+    Layout(YOLACT_REQUIRES, YOLACT_COMPONENTS),
 )
 
 

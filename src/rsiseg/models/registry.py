@@ -16,6 +16,7 @@ from rsiseg.models import cascade, mask_rcnn
 from rsiseg.models.attention_rcnn import model as attention_rcnn
 from rsiseg.models.prompt import model as prompt
 from rsiseg.models.semantic import seg_resnet
+from rsiseg.models.yolact import model as yolact
 
 
 class ModelEntry(NamedTuple):
@@ -35,6 +36,8 @@ MODELS: dict[str, ModelEntry] = {
     "maskrcnn_r50_prompt": ModelEntry(prompt.build_maskrcnn_r50_prompt, ("instance",)),
     "cascade_maskrcnn_r18_prompt": ModelEntry(prompt.build_cascade_maskrcnn_r18_prompt, ("instance",)),
     "cascade_maskrcnn_r50_prompt": ModelEntry(prompt.build_cascade_maskrcnn_r50_prompt, ("instance",)),
+    "yolact_r18": ModelEntry(yolact.build_yolact_r18, ("instance",)),
+    "yolact_r50": ModelEntry(yolact.build_yolact_r50, ("instance",)),
     "seg_resnet18": ModelEntry(seg_resnet.build_seg_resnet18, ("semantic",)),
 }
 

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from rsiseg.models.backbones.weights import adapt_stem, load_backbone_checkpoint
 
@@ -33,36 +33,44 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]  # in the order they unfreeze
 
 
-def build_resnet_fpn(depth_name: str, *, fpn_channels: int = 256, **body_options: Any) -> BackboneWithFPN:
-    """Build a ResNet-FPN returning ``{"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``.
+def build_resnet_fpn(depth_name: str, *, fpn_channels: int = 256, first_stage: int = 1,
+                     extra_blocks: ExtraFPNBlock | None = None, **body_options: Any) -> BackboneWithFPN:
+    """Build a ResNet-FPN: by default ``{"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``.
 
     Args:
         depth_name: one of ``RESNETS`` (``resnet18`` ... ``resnet101``).
         fpn_channels: FPN output channels.
+        first_stage: the first ResNet stage (``layer1`` = C2 ... ``layer4`` = C5) that feeds the FPN;
+            2 gives P3-P5 (YOLACT, RetinaNet).
+        extra_blocks: the levels above P5 (default: torchvision's max-pooled P6; YOLACT passes
+            ``LastLevelP6P7``).
         body_options: ``in_channels``, ``pretrained``, ``checkpoint``, ``norm``, ``trainable_layers``
             of :func:`build_resnet_body`.
 
     Returns:
-        A module mapping ``[B, C, H, W]`` to feature maps of ``fpn_channels`` channels at
-        strides 4, 8, 16, 32 and 64, with ``out_channels`` set.
+        A module mapping ``[B, C, H, W]`` to feature maps of ``fpn_channels`` channels (by default at
+        strides 4, 8, 16, 32 and 64), keys ``"0"``, ``"1"``, ... from the first stage, with ``out_channels`` set.
     """
+    if not 1 <= first_stage <= 4:
+        raise ValueError(f"first_stage must be in 1..4, got {first_stage}")
     body = build_resnet_body(depth_name, **body_options)
-    stage_channels = [body.layer1[-1], body.layer2[-1], body.layer3[-1], body.layer4[-1]]
-    in_channels_list = [block_out_channels(block) for block in stage_channels]
+    stages = [f"layer{i}" for i in range(first_stage, 5)]
+    in_channels_list = [block_out_channels(getattr(body, stage)[-1]) for stage in stages]
     return BackboneWithFPN(
         body,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        return_layers={stage: str(i) for i, stage in enumerate(stages)},
         in_channels_list=in_channels_list,
         out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
+        extra_blocks=extra_blocks if extra_blocks is not None else LastLevelMaxPool(),
     )
 
 
-def resnet_fpn_from_config(cfg: Any, depth_name: str) -> BackboneWithFPN:
-    """:func:`build_resnet_fpn` with the backbone fields of a :class:`~rsiseg.config.ModelConfig`."""
+def resnet_fpn_from_config(cfg: Any, depth_name: str, **fpn_options: Any) -> BackboneWithFPN:
+    """:func:`build_resnet_fpn` with the backbone fields of a :class:`~rsiseg.config.ModelConfig`;
+    ``fpn_options``: ``first_stage`` and ``extra_blocks``."""
     return build_resnet_fpn(
         depth_name, in_channels=cfg.in_channels, pretrained=cfg.pretrained, checkpoint=cfg.backbone_checkpoint,
-        norm=cfg.norm, trainable_layers=cfg.trainable_layers, fpn_channels=cfg.fpn_channels,
+        norm=cfg.norm, trainable_layers=cfg.trainable_layers, fpn_channels=cfg.fpn_channels, **fpn_options,
     )
 
 

@@ -1,10 +1,17 @@
-"""A learnable global frequency filter (GFNet, Rao et al., NeurIPS 2021).
+"""Fourier blocks on feature maps: a learnable global frequency filter and RELACT's phase enhancement.
 
-The features go to the 2-D real Fourier domain, are multiplied element-wise by a learnable complex
-weight (one per channel and frequency), and come back. One multiplication in the frequency domain is a
-convolution with a kernel as large as the map, so every output pixel sees the whole input. The filter
-is generic: the PROMPT local prompt module applies it to box crops, and RELACT's phase enhancement can
-use it on feature maps.
+:class:`FourierFilter` (GFNet, Rao et al., NeurIPS 2021): the features go to the 2-D real Fourier
+domain, are multiplied element-wise by a learnable complex weight (one per channel and frequency), and
+come back. One multiplication in the frequency domain is a convolution with a kernel as large as the
+map, so every output pixel sees the whole input. The PROMPT local prompt module applies it to box crops.
+
+:class:`PhaseEnhancement` (RELACT): the phase of a feature map's spectrum carries where edges and
+small structures are; the amplitude mostly carries how strong broad regions are. The block keeps the
+phase, flattens the amplitude, transforms back and adds the result through a projection and a gate
+that starts at zero, so at initialisation the block is the identity.
+
+Both run their transforms in float32 even under autocast (half-precision FFTs are limited to
+power-of-two sizes on CUDA and lose precision) and return the input's dtype.
 """
 
 from __future__ import annotations
@@ -57,3 +64,49 @@ class FourierFilter(nn.Module):
             spectrum = spectrum * torch.view_as_complex(self.weight.float())
             out = torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
         return out.to(x.dtype)
+
+
+AMPLITUDES = ("mean", "unit")
+GATES = ("channel", "scalar")
+
+
+class PhaseEnhancement(nn.Module):
+    """``x + gate * proj(irfft2(phase-only rfft2(x)))``; shape ``[N, C, H, W]`` kept, any H and W.
+
+    The reading of the RELACT paper taken here (it gives no formula): the spectrum ``F = rfft2(x)``
+    (orthonormal) keeps its phase ``F / |F|`` and gets a flat amplitude: the channel's mean amplitude
+    (``"mean"``, the default: the map keeps its energy scale) or 1 (``"unit"``: the classic phase-only
+    reconstruction). The inverse transform is projected by a ``kernel x kernel`` convolution and added
+    to ``x`` times a learnable gate, one per channel (``"channel"``, default) or one for all
+    (``"scalar"``), initialised to 0: the block starts as the identity and learns how much to add.
+
+    Args:
+        channels: C.
+        amplitude: ``mean`` or ``unit``.
+        kernel: side of the projection convolution (1 or 3).
+        gate: ``channel`` or ``scalar``.
+    """
+
+    def __init__(self, channels: int, amplitude: str = "mean", kernel: int = 1, gate: str = "channel") -> None:
+        super().__init__()
+        if amplitude not in AMPLITUDES:
+            raise ValueError(f"phase amplitude must be one of {', '.join(AMPLITUDES)}, got {amplitude!r}")
+        if gate not in GATES:
+            raise ValueError(f"phase gate must be one of {', '.join(GATES)}, got {gate!r}")
+        self.amplitude = amplitude
+        self.proj = nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+        self.gate = nn.Parameter(torch.zeros(1, channels if gate == "channel" else 1, 1, 1))
+
+    def phase_only(self, x: Tensor) -> Tensor:
+        """The phase-only reconstruction of ``x`` ``[N, C, H, W]`` (float32)."""
+        height, width = x.shape[-2:]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spectrum = torch.fft.rfft2(x.float(), norm="ortho")
+            magnitude = spectrum.abs()
+            flat = magnitude.mean(dim=(-2, -1), keepdim=True) if self.amplitude == "mean" else 1.0
+            spectrum = spectrum * (flat / magnitude.clamp(min=1e-6))
+            return torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``[N, C, H, W]`` -> ``[N, C, H, W]``, same dtype."""
+        return x + self.gate.to(x.dtype) * self.proj(self.phase_only(x).to(x.dtype))

@@ -1,0 +1,1 @@
+"""YOLACT and RELACT: one-stage instance segmentation from prototypes and per-anchor coefficients."""
