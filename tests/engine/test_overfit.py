@@ -44,7 +44,7 @@ from tests.conftest import tiny_config_dict
 
 # Deselected by default (run them with `-m slow`): the deeper variants of a family already tested by default.
 SLOW = {"maskrcnn_r34_fpn", "maskrcnn_r50_fpn", "maskrcnn_r101_fpn", "cascade_maskrcnn_r50_fpn", "maskrcnn_r50_prompt",
-        "cascade_maskrcnn_r50_prompt"}
+        "cascade_maskrcnn_r50_prompt", "yolact_r50"}
 # What an honest overfit of two images reaches, per task: (metric, target, iterations at most: about twice
 # the most any model needed).
 GOALS = {"instance": ("segm/AP50", 0.9, 150), "semantic": ("semantic/mIoU", 0.9, 150)}
