@@ -10,7 +10,7 @@ from torch import nn
 
 from rsiseg.checkpoint import load_checkpoint
 from rsiseg.config import config_from_dict
-from rsiseg.engine.freeze import BackboneFreeze
+from rsiseg.engine.optim import BackboneFreeze
 from rsiseg.engine.trainer import Trainer
 from tests.conftest import tiny_config_dict
 from tests.engine.test_trainer import Killed

@@ -2,7 +2,7 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``last.pth`` and ``best.pth``,
 ``metrics.jsonl``, ``tensorboard/`` and ``curves.png``. ``train.freeze_backbone_epochs`` trains in
-two stages (:mod:`rsiseg.engine.freeze`). ``resume=True`` continues from
+two stages (:class:`rsiseg.engine.optim.BackboneFreeze`). ``resume=True`` continues from
 ``last.pth`` with the same iteration, optimizer, scheduler, scaler and RNG state; the data
 order is a function of (seed, epoch) and augmentation draws of (seed, epoch, index), so a
 resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -33,9 +33,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from rsiseg.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rsiseg.config import ExperimentConfig, dump_config, to_dict
 from rsiseg.data.loader import collate, resolve_num_workers
-from rsiseg.engine.freeze import BackboneFreeze
 from rsiseg.engine.logging import RunLogger, format_progress, plot_curves
-from rsiseg.engine.optim import LRSchedule, build_optimizer
+from rsiseg.engine.optim import BackboneFreeze, LRSchedule, build_optimizer
 from rsiseg.engine.preflight import preflight, prepare_run_dir
 from rsiseg.engine.sampler import EpochBatchSampler
 from rsiseg.evaluation.metrics import metric_value, write_metrics
