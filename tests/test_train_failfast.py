@@ -146,7 +146,8 @@ def test_overwrite_clears_the_previous_run_and_stale_temp_files(synth_data: dict
     assert stale_temp_files(run) == []
     assert "removed 2 temp file(s)" in caplog.text
     assert not (run / "last.pth").exists() and not (run / "tensorboard").exists()
-    assert (run / "metrics.jsonl").read_text() == "" and (run / "notes.txt").read_text() == "mine"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["run"] and (run / "notes.txt").read_text() == "mine"  # a new log
 
 
 def test_time_budget_ends_with_checkpoint_and_final_eval(synth_data: dict[str, Path], tmp_path: Path,
@@ -158,7 +159,7 @@ def test_time_budget_ends_with_checkpoint_and_final_eval(synth_data: dict[str, P
     assert load_checkpoint(run / "last.pth")["iteration"] == 1  # of 9
     assert set(metrics) == {"bbox", "segm"} and (run / "metrics.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["train", "eval"]
+    assert [r["kind"] for r in records] == ["run", "train", "eval"]
     assert "time budget of 0.0001 min spent: stopped at iteration 1 of 9" in caplog.text
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("iter 1/9"))
     for part in ("loss ", "loss_mask ", "lr ", " s/it", "ETA "):

@@ -100,6 +100,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.pth exactly")
+    mode.add_argument("--auto-resume", action="store_true",
+                      help="--resume when <train.output_dir>/last.pth exists, else start the run: one command line "
+                      "that torchrun --max-restarts can repeat after a failure")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace a previous run in train.output_dir (without it such a folder is refused)")
     p.set_defaults(handler=_run_train)
@@ -282,12 +285,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rsiseg.config import load_config
     from rsiseg.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     try:
-        Trainer(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite).fit()
+        resume = args.resume or (args.auto_resume and (Path(cfg.train.output_dir) / "last.pth").is_file())
+        Trainer(cfg, resume=resume, progress=not args.quiet, overwrite=args.overwrite).fit()
     except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; every file is written atomically
         print(f"rsiseg train: {str(err) or 'interrupted before training started'}", file=sys.stderr)
         return 130
@@ -352,6 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rsiseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group train, eval or predict joined (torch is not imported here)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -258,6 +258,11 @@ class TrainConfig:
     wandb_project: str = "rsiseg"
     time_budget: float | None = None  # minutes of training per invocation, then checkpoint + final eval; null = off
     freeze_backbone_epochs: int = 0  # two-stage training: the backbone body stays frozen for these first epochs
+    # Distributed runs (torchrun; see rsiseg.engine.distributed). batch_size is per process; the global batch is
+    # batch_size x processes, and with lr_scaling linear the lr is multiplied by the number of processes.
+    lr_scaling: str = "linear"  # linear | none
+    sync_bn: bool = False  # convert the batch norms to SyncBatchNorm in a distributed run (model.norm bn)
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other processes before the run fails
 
 
 @dataclass
@@ -454,6 +459,8 @@ RULES: dict[str, Check] = {
     "train.log_interval": _POSITIVE,
     "train.time_budget": _optional(_POSITIVE, "off"),
     "train.freeze_backbone_epochs": _NON_NEGATIVE,
+    "train.lr_scaling": _one_of(("linear", "none")),
+    "train.dist_timeout": _POSITIVE,
     "eval.preset": _one_of(PRESETS),
     "eval.max_dets": _optional(_rule(lambda v: len(v) == 3 and 0 < v[0] < v[1] < v[2],
                                      "must be three increasing positive ints"), "the preset's"),

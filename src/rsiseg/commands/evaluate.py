@@ -12,13 +12,14 @@ from rsiseg.commands.predict_tiled import parse_bands, predict_coco_scenes, tile
 from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.coco_index import read_coco_json
+from rsiseg.engine.distributed import gather_sorted, init_distributed, rank_device_name
 from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table
 from rsiseg.evaluation.metrics import write_metrics
 from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prompted_table
 from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
-from rsiseg.inference.predictor import LoadedModel, evaluate_model, model_from_state, stored_config
+from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_dataset, score_results, stored_config
 from rsiseg.tasks import get_task
 
 
@@ -45,15 +46,22 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.tiled:
         return _eval_tiled(args, state, overrides, ann, images, eval_cfg)
     dataset = CocoInstanceDataset(ann, images, in_channels=cfg.model.in_channels, repair=cfg.data.repair)
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
+    loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
+                              fast=not args.exact)
     label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, dataset.index.categories, parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann),
     )
     if args.prompt_missed:
         return _eval_missed_prompts(args, loaded, dataset, eval_cfg, label_to_category, ann)
-    metrics, results = evaluate_model(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet,
-                                      label_to_category=label_to_category)
+    results = predict_dataset(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet and dist.is_main,
+                              label_to_category=label_to_category, shard=(dist.rank, dist.world_size))
+    position = {info["id"]: i for i, info in enumerate(dataset.index.images)}
+    results = gather_sorted(dist, results, key=lambda r: position[r["image_id"]])
+    if not dist.is_main:
+        return 0
+    metrics = score_results(dataset, results, eval_cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {ann}", format_metrics_table(metrics), results)
     print(dataset.summary())
@@ -67,12 +75,17 @@ def _eval_tiled(args: argparse.Namespace, state: dict[str, Any], overrides: dict
         raise ValueError("--prompt-missed and --tiled cannot be combined")
     options = tile_options(args, score_threshold=0.0)  # AP ranks every detection the model returns
     coco = read_coco_json(Path(ann))
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th scene
+    loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
+                              fast=not args.exact)
     loaded.label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, coco["categories"], parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann))
     warn_if_resized(loaded, options)
-    results = predict_coco_scenes(loaded, coco, Path(images), options, parse_bands(args.bands), not args.quiet)
+    results = predict_coco_scenes(loaded, coco, Path(images), options, parse_bands(args.bands),
+                                  not args.quiet and dist.is_main, dist)
+    if not dist.is_main:
+        return 0
     metrics = evaluate_coco(ann, results, iou_types=("bbox", "segm"), preset=eval_cfg.preset,
                             max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval_tiled"
@@ -95,11 +108,15 @@ def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: Experim
         raise ValueError("--data LABELS_DIR needs --images IMAGES_DIR, the images those labels belong to")
     task = get_task("semantic")
     dataset = task.dataset(cfg, images, labels)
-    loaded = model_from_state(state, args.device, source=args.checkpoint, fast=not args.exact)
+    dist = init_distributed(args.device)  # under torchrun: each process evaluates every N-th image
+    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint, fast=not args.exact)
     if list(loaded.class_names) != list(dataset.class_names):
         raise ValueError(f"{args.checkpoint} predicts the classes {loaded.class_names} but the labels in {labels} "
                          f"have {dataset.class_names}")
-    metrics = task.evaluate(loaded.model, dataset, cfg, loaded.device, progress=not args.quiet)
+    metrics = task.evaluate(loaded.model, dataset, cfg, loaded.device, progress=not args.quiet and dist.is_main,
+                            dist=dist)
+    if not dist.is_main:
+        return 0
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     _write_outputs(out, metrics, f"{Path(args.checkpoint).name} on {labels}", task.format_metrics(metrics))
     figures = task.results_figures(loaded.model, dataset, cfg, loaded.device, out / "figures")

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from rsiseg.data.io import (
     to_unit_float,
 )
 from rsiseg.data.loader import to_chw_tensor
+from rsiseg.engine.distributed import Distributed, gather_sorted, init_distributed, rank_device_name
 from rsiseg.fileio import remove_path
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
@@ -157,18 +158,26 @@ def _run(args: argparse.Namespace) -> int:
     if needs_tiling(args):
         return run_tiled_predict(args, state, OUTPUTS)
     out = Path(args.out)
-    check_out_folder(out, args.overwrite)
+    dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
+    if dist.is_main:
+        check_out_folder(out, args.overwrite)
+    dist.barrier("checking --out")
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
+                              fast=not args.exact)
     categories, label_to_category = output_categories(loaded, args, coco)
-    with staged_outputs(out) as staging:
-        results, entries = _predict_all(found, loaded, label_to_category, staging, args)
-        images_json = {"images": entries, "categories": categories, "score_threshold": args.score_threshold,
-                       "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}
-        write_coco_results(results, staging / "predictions.json")
-        (staging / "images.json").write_text(json.dumps(images_json, indent=1))
+    with shared_staging(out, OUTPUTS, dist) as staging:
+        results, entries = predict_shard(found, dist, lambda part: _predict_all(part, loaded, label_to_category,
+                                                                                 staging, args, not dist.is_main))
+        if dist.is_main:
+            images_json = {"images": entries, "categories": categories, "score_threshold": args.score_threshold,
+                           "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}
+            write_coco_results(results, staging / "predictions.json")
+            (staging / "images.json").write_text(json.dumps(images_json, indent=1))
+    if not dist.is_main:
+        return 0
     _report(results, entries, found.skipped, args.score_threshold)
     print(f"wrote {out / 'predictions.json'}, {out / 'images.json'}"
           + ("" if args.no_overlays else f" and {out / 'overlays'}/"))
@@ -222,8 +231,27 @@ def output_categories(loaded: LoadedModel, args: argparse.Namespace,
     return categories, label_to_category
 
 
+Outputs = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # COCO results ("image_id"), image entries ("id")
+
+
+def predict_shard(found: Inputs, dist: Distributed, predict: Callable[[Inputs], Outputs]) -> Outputs:
+    """``predict`` on this rank's share of ``found`` (every N-th image), the shares merged in image order: the
+    results and entries one process gives. ``found.skipped`` gets every rank's decoding failures."""
+    if not dist.enabled:
+        return predict(found)
+    position = {item.image_id: i for i, item in enumerate(found.images)}
+    listed = len(found.skipped)
+    mine = Inputs(images=found.images[dist.rank::dist.world_size], skipped=list(found.skipped))
+    results, entries = predict(mine)
+    results = gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the predictions")
+    entries = gather_sorted(dist, entries, key=lambda e: position[e["id"]], what="gathering the image entries")
+    found.skipped += [s for part in dist.gather(mine.skipped[listed:], "gathering the skipped images") for s in part]
+    return results, entries
+
+
 def _predict_all(
     found: Inputs, loaded: LoadedModel, label_to_category: list[int], staging: Path, args: argparse.Namespace,
+    quiet: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """COCO results and ``images.json`` entries of every image; overlays go to ``staging/overlays``.
 
@@ -233,7 +261,7 @@ def _predict_all(
     results: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     batches = range(0, len(found.images), args.batch_size)
-    for start in tqdm(batches, desc="predict", disable=args.quiet):
+    for start in tqdm(batches, desc="predict", disable=args.quiet or quiet):
         batch, tensors = [], []
         for item in found.images[start : start + args.batch_size]:
             array = decode_or_skip(item, found)
@@ -294,6 +322,20 @@ def report_skipped(skipped: list[tuple[Path, str]]) -> None:
 def _examples(skipped: list[tuple[Path, str]], show: int = 3) -> str:
     text = "; ".join(f"{path}: {reason}" for path, reason in skipped[:show])
     return text + (f"; and {len(skipped) - show} more (listed in images.json)" if len(skipped) > show else "")
+
+
+@contextlib.contextmanager
+def shared_staging(out: Path, outputs: tuple[str, ...], dist: Distributed) -> Iterator[Path]:
+    """:func:`staged_outputs` of rank 0, whose folder every rank writes its files into (a shared ``--out``).
+
+    Rank 0 publishes the folder when its block ends, after the gathers that end every rank's share.
+    """
+    if dist.is_main:
+        with staged_outputs(out, outputs) as staging:
+            dist.broadcast(str(staging), "sharing the staging folder")
+            yield staging
+    else:
+        yield Path(dist.broadcast(None, "sharing the staging folder"))
 
 
 @contextlib.contextmanager

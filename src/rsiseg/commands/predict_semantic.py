@@ -24,12 +24,14 @@ from rsiseg.commands.predict import (
     check_out_folder,
     collect_images,
     decode_or_skip,
+    predict_shard,
     report_skipped,
-    staged_outputs,
+    shared_staging,
 )
 from rsiseg.data.io import match_bands, to_unit_float
 from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.semantic import resize_image
+from rsiseg.engine.distributed import init_distributed, rank_device_name
 from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_images
 from rsiseg.inference.semantic_output import colorize, is_georeferenced, palette_for, write_index_mask
 
@@ -43,12 +45,19 @@ def run_semantic_predict(args: argparse.Namespace, state: dict[str, Any]) -> int
     if used:
         raise ValueError(f"{', '.join(used)}: instance-task options; {args.checkpoint} is a semantic model")
     out = Path(args.out)
-    check_out_folder(out, args.overwrite, OUTPUTS)
+    dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
+    if dist.is_main:
+        check_out_folder(out, args.overwrite, OUTPUTS)
+    dist.barrier("checking --out")
     found = collect_images(args.inputs, None, None, args.limit, args.strict)
-    loaded = model_from_state(state, args.device, source=args.checkpoint, fast=not args.exact)
+    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint,
+                              fast=not args.exact)
     palette = palette_for(loaded.class_names, state.get("classes", {}).get("palette"))
-    with staged_outputs(out, OUTPUTS) as staging:
-        entries = _predict_all(found, loaded, palette, staging, args.quiet)
+    with shared_staging(out, OUTPUTS, dist) as staging:
+        _, entries = predict_shard(found, dist, lambda part: ([], _predict_all(part, loaded, palette, staging,
+                                                                               args.quiet or not dist.is_main)))
+        if not dist.is_main:
+            return 0
         (staging / "images.json").write_text(json.dumps(
             {"images": entries, "classes": loaded.class_names, "palette": [list(c) for c in palette],
              "skipped": [{"file_name": str(p), "reason": r} for p, r in found.skipped]}, indent=1))
@@ -62,8 +71,8 @@ def _predict_all(found: Inputs, loaded: LoadedModel, palette: list[tuple[int, in
                  quiet: bool) -> list[dict[str, Any]]:
     """Write each image's index and colour masks into ``staging``; returns the ``images.json`` entries."""
     cfg = loaded.config
-    (staging / "masks").mkdir()
-    (staging / "colour").mkdir()
+    (staging / "masks").mkdir(exist_ok=True)  # every rank of a distributed run writes into one staging folder
+    (staging / "colour").mkdir(exist_ok=True)
     entries = []
     for item in tqdm(found.images, desc="predict", disable=quiet):
         array = decode_or_skip(item, found)

@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rsiseg.commands.predict import IMAGE_SUFFIXES, check_out_folder, output_categories, overlay_stems, staged_outputs
+from rsiseg.commands.predict import IMAGE_SUFFIXES, check_out_folder, output_categories, overlay_stems, shared_staging
 from rsiseg.data.coco_index import read_coco_json
+from rsiseg.engine.distributed import Distributed, gather_sorted, init_distributed, rank_device_name
 from rsiseg.inference.export import write_coco_results
 from rsiseg.inference.geo_export import VECTOR_DRIVERS, item_polygon, write_vectors
 from rsiseg.inference.overview import draw_overview, save_overview
@@ -61,14 +62,18 @@ def parse_bands(text: str | None) -> list[int] | None:
 
 
 def predict_coco_scenes(loaded: LoadedModel, coco: dict[str, Any], images_root: Path, options: TileOptions,
-                        bands: list[int] | None, progress: bool) -> list[dict[str, Any]]:
+                        bands: list[int] | None, progress: bool, dist: Distributed | None = None) -> list[dict[str, Any]]:
     """Tiled predictions of every scene a COCO JSON lists, as COCO results on its image ids (``eval --tiled``).
+
+    With ``dist`` (torchrun), each rank predicts every N-th scene and every rank gets all the results, in
+    the single process's order.
 
     Raises:
         ValueError: a scene's size differs from its JSON entry (named).
     """
+    dist = dist or Distributed()
     results = []
-    for image in coco["images"]:
+    for image in coco["images"][dist.rank::dist.world_size]:
         path = images_root / image["file_name"]
         with RasterScene(path, bands, loaded.config.model.in_channels) as scene:
             if (scene.height, scene.width) != (int(image["height"]), int(image["width"])):
@@ -76,7 +81,8 @@ def predict_coco_scenes(loaded: LoadedModel, coco: dict[str, Any], images_root: 
                                  f"of the JSON says {image['width']} x {image['height']}")
             result = predict_scene(loaded, scene, options, progress=progress)
         results += [item.to_result(int(image["id"])) for item in result.items]
-    return results
+    position = {int(image["id"]): i for i, image in enumerate(coco["images"])}
+    return gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the scenes' results")
 
 
 def needs_tiling(args: argparse.Namespace) -> bool:
@@ -96,21 +102,30 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     """Predict every scene tiled and write the outputs listed in the module docstring."""
     options = tile_options(args, args.score_threshold)
     out = Path(args.out)
-    check_out_folder(out, args.overwrite, outputs)
+    dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th scene
+    if dist.is_main:
+        check_out_folder(out, args.overwrite, outputs)
+    dist.barrier("checking --out")
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     scenes = _scene_inputs(args, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
-    loaded = model_from_state(state, args.device, overrides, source=args.checkpoint, fast=not args.exact)
+    loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
+                              fast=not args.exact)
     categories, label_to_category = output_categories(loaded, args, coco)
     loaded.label_to_category = label_to_category
     names = {c["id"]: c["name"] for c in categories}
     warn_if_resized(loaded, options)
-    with staged_outputs(out, outputs) as staging:
+    with shared_staging(out, outputs, dist) as staging:
         results, entries = [], []
-        for (path, image_id), stem in zip(scenes, overlay_stems(scenes)):
+        for (path, image_id), stem in list(zip(scenes, overlay_stems(scenes)))[dist.rank::dist.world_size]:
             scene_results, entry = _predict_one(path, image_id, stem, loaded, options, names, staging, args)
             results += scene_results
             entries.append(entry)
+        position = {image_id: i for i, (_, image_id) in enumerate(scenes)}
+        results = gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the results")
+        entries = gather_sorted(dist, entries, key=lambda e: position[e["id"]], what="gathering the scene entries")
+        if not dist.is_main:
+            return 0
         totals = sum((Counter(e["counts"]) for e in entries), Counter())
         summary = {"scenes": [{"file_name": e["file_name"], "instances": e["instances"], "counts": e["counts"]}
                               for e in entries], "total": dict(totals)}

@@ -30,7 +30,8 @@ WANDB_INSTALL_HINT = "install the extra with `uv sync --extra wandb` (or `pip in
 class RunLogger:
     """Appends records to ``metrics.jsonl`` and mirrors their numbers to TensorBoard and, optionally, W&B.
 
-    Each record has ``kind`` (``train`` or ``eval``), ``iteration`` and ``epoch`` plus numbers.
+    Each record has ``kind`` (``run``: the facts of a start or resume such as ``world_size``; ``train``;
+    ``eval``), ``iteration`` and ``epoch`` plus numbers.
     A resumed run appends to the same file after dropping records past the resume point.
     TensorBoard and W&B get the same scalars: tag ``<kind>/<name>``, step ``iteration``.
 
@@ -61,10 +62,13 @@ class RunLogger:
         if wandb_project is not None:
             self.wandb_run = _wandb_run(self.run_dir, wandb_project, config or {}, resume=resume_iteration is not None)
 
-    def write(self, kind: str, iteration: int, epoch: int, values: dict[str, float]) -> None:
+    def write(self, kind: str, iteration: int, epoch: int, values: dict[str, float], mirror: bool = True) -> None:
+        """Append a record; ``mirror`` False keeps it out of TensorBoard and W&B (run facts, not curves)."""
         record = {"kind": kind, "iteration": iteration, "epoch": epoch, **values}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if not mirror:
+            return
         scalars = {f"{kind}/{key}": value for key, value in values.items() if isinstance(value, (int, float))}
         if self.writer is not None:
             for tag, value in scalars.items():

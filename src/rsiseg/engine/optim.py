@@ -116,6 +116,17 @@ class LRSchedule:
         if self.plateau is not None and self.iteration > self.cfg.warmup_iters and math.isfinite(value):
             self.plateau.step(value)
 
+    def restart_at(self, iteration: int, lr_factor: float = 1.0) -> None:
+        """Continue from ``iteration`` with every base lr times ``lr_factor`` (a resume on another number of
+        processes: its iterations count other global batches, and linear scaling changes the lr)."""
+        self.iteration = iteration
+        optimizer = self.lambda_lr.optimizer
+        self.lambda_lr.base_lrs = [lr * lr_factor for lr in self.lambda_lr.base_lrs]
+        for group, base in zip(optimizer.param_groups, self.lambda_lr.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * self.factor(iteration) if self.plateau is None else group["lr"] * lr_factor
+        self.lambda_lr.last_epoch = iteration
+
     def state_dict(self) -> dict[str, Any]:
         state = {"iteration": self.iteration, "lambda_lr": self.lambda_lr.state_dict()}
         state["lambda_lr"].pop("lr_lambdas", None)

@@ -12,6 +12,10 @@ device, the output folder and the resume checkpoint; a folder holding a previous
 unless ``resume`` or ``overwrite``. ``train.time_budget`` ends a run early with ``last.pth`` and
 a final evaluation. Ctrl-C raises :class:`TrainingInterrupted`, whose message names the last
 checkpoint; every file is written atomically, so nothing is left half-written.
+
+Under ``torchrun`` the same loop runs on every process (:mod:`rsiseg.engine.distributed`): each rank
+takes its share of every global batch, DistributedDataParallel averages the gradients, and rank 0
+alone logs and writes files. Checkpoints record ``world_size`` and every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from rsiseg.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rsiseg.config import ExperimentConfig, dump_config, to_dict
 from rsiseg.data.loader import collate, resolve_num_workers
+from rsiseg.engine.distributed import (
+    Distributed,
+    NullLogger,
+    init_distributed,
+    is_collective_failure,
+    rank_device,
+    resume_position,
+    scaled_train_config,
+    wrap_model,
+)
 from rsiseg.engine.logging import RunLogger, format_progress, plot_curves
 from rsiseg.engine.optim import BackboneFreeze, LRSchedule, build_optimizer
 from rsiseg.engine.preflight import preflight, prepare_run_dir
@@ -71,29 +85,39 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
                  overwrite: bool = False) -> None:
-        self.cfg, self.progress = cfg, progress
+        self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
-        resume_state = preflight(cfg, resume=resume, overwrite=overwrite)
+        self.dist: Distributed = init_distributed(cfg.train.device, cfg.train.dist_timeout)
+        self.progress = progress and self.dist.is_main
+        if not self.dist.is_main:  # one process speaks for the run
+            logging.getLogger("rsiseg").setLevel(logging.WARNING)
+        # Rank 0 checks first (the writability probe creates and removes files), then the others; every rank has
+        # checked the folder before rank 0 prepares it (after the model's DDP construction, a collective).
+        resume_state = self.dist.main_first(lambda: preflight(cfg, resume=resume, overwrite=overwrite), "preflight")
         self.task = get_task(cfg.task)
-        self.device = select_device(cfg.train.device)
+        self.device = rank_device(self.dist, select_device(cfg.train.device))
         seed_everything(cfg.train.seed)
         self.train_set, self.val_set = self.task.build_datasets(cfg)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
-        self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed)
+        self.sampler = EpochBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed, self.dist.rank,
+                                         self.dist.world_size)
         # One loader for the whole run: persistent workers are started once, not every epoch. Its own
         # generator keeps the loader from drawing on the global RNG, which exact resume restores.
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.num_workers,
                                  collate_fn=collate, persistent_workers=self.num_workers > 0,
                                  pin_memory=self.device.type == "cuda",
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
-        self.model = build_model(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        # self.model is the model itself (state dicts, evaluation); self.net what training calls (DDP when distributed).
+        self.model, self.net = wrap_model(build_model(cfg.model), self.dist, self.device, cfg.train.sync_bn)
+        train_cfg = scaled_train_config(cfg.train, self.dist.world_size)  # lr x processes with lr_scaling linear
+        self.optimizer = build_optimizer(self.model, train_cfg)
         # Built after the optimizer, which must hold every parameter, the first stage's frozen ones included.
         self.freeze = BackboneFreeze(self.model, cfg.train.freeze_backbone_epochs)
-        self.iters_per_epoch = math.ceil(len(self.train_set) / cfg.train.batch_size)
+        self.iters_per_epoch = len(EpochBatchSampler(len(self.train_set), cfg.train.batch_size, 0, 0,
+                                                     self.dist.world_size))
         total = cfg.train.epochs * self.iters_per_epoch
         self.total_iters = min(total, cfg.train.max_iters) if cfg.train.max_iters else total
-        self.schedule = LRSchedule(self.optimizer, cfg.train, self.iters_per_epoch, self.total_iters)
+        self.schedule = LRSchedule(self.optimizer, train_cfg, self.iters_per_epoch, self.total_iters)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.iteration, self.epoch, self.skipped_batches = 0, 0, 0
@@ -105,11 +129,17 @@ class Trainer:
         self.pace = {"seconds": 0.0, "iters": 0, "window_seconds": 0.0, "window_iters": 0}
         if resume_state is not None:
             self._resume(resume_state)
-        prepare_run_dir(self.run_dir, overwrite)
-        if not resume:
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, cfg.train.tensorboard, self.iteration if resume else None,
-                                cfg.train.wandb_project if cfg.train.wandb else None, to_dict(cfg))
+        self.logger: RunLogger | NullLogger = NullLogger()
+        if self.dist.is_main:
+            prepare_run_dir(self.run_dir, overwrite)
+            if not resume:
+                dump_config(cfg, self.run_dir / "config.yaml")
+            self.logger = RunLogger(self.run_dir, cfg.train.tensorboard, self.iteration if resume else None,
+                                    cfg.train.wandb_project if cfg.train.wandb else None, to_dict(cfg))
+            self.logger.write("run", self.iteration, self.epoch, {"world_size": self.dist.world_size,
+                                                                  "global_batch": cfg.train.batch_size * self.dist.world_size},
+                              mirror=False)
+        self.dist.barrier("run folder")
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or the time budget) and return the last evaluation metrics.
@@ -118,8 +148,9 @@ class Trainer:
             TrainingInterrupted: on Ctrl-C; its message names the last checkpoint.
         """
         budget = self.cfg.train.time_budget
-        log.info("training %s for %d iterations (%d per epoch) on %s%s", self.cfg.model.name, self.total_iters,
-                 self.iters_per_epoch, self.device, f", time budget {budget:g} min" if budget else "")
+        log.info("training %s for %d iterations (%d per epoch) on %s%s%s", self.cfg.model.name, self.total_iters,
+                 self.iters_per_epoch, self.device, f", time budget {budget:g} min" if budget else "",
+                 f", {self.dist.world_size} processes ({self.dist.backend})" if self.dist.enabled else "")
         self.started = time.monotonic()
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
@@ -137,6 +168,11 @@ class Trainer:
         except KeyboardInterrupt:
             self.logger.close()
             raise TrainingInterrupted(self._interrupted_message()) from None
+        except RuntimeError as err:  # a collective inside DDP (the gradient all-reduce) fails when a peer is gone
+            if not (self.dist.enabled and is_collective_failure(err)):
+                raise
+            self.logger.close()
+            raise self.dist.failure(f"iteration {self.iteration}: a DistributedDataParallel step", err) from None
         finally:
             bar.close()
         return self.last_metrics
@@ -161,18 +197,22 @@ class Trainer:
 
     def train_step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float] | None:
         """One optimisation step; returns the losses, or None when a non-finite loss skipped it."""
-        self.model.train()
+        self.net.train()
         self.freeze.hold_norms()
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            losses = self.model(images, targets)
+            losses = self.net(images, targets)
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total):
+        # Every rank skips together: a rank left alone in the gradient all-reduce would wait forever.
+        if self.dist.agree(not torch.isfinite(total), f"iteration {self.iteration}: the non-finite-loss check"):
             self.skipped_batches += 1
             log.warning("iteration %d: non-finite loss %s, batch skipped (%d so far)", self.iteration,
                         {k: v.item() for k, v in losses.items()}, self.skipped_batches)
+            if self.dist.enabled:  # DDP expects a backward after each forward: a zero one, whose gradients are dropped
+                (torch.nan_to_num(total) * 0).backward()
+                self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.scale(total).backward()
         if self.cfg.train.grad_clip:
@@ -180,11 +220,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+        return self.dist.mean({"loss": total.item(), **{k: v.item() for k, v in losses.items()}},
+                              f"iteration {self.iteration}: the loss average")
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluate on the validation split (the task's metrics), log, keep the best checkpoint, feed the scheduler."""
-        metrics = self.task.evaluate(self.model, self.val_set, self.cfg, self.device, self.num_workers, self.progress)
+        """Evaluate on the validation split (the task's metrics), log, keep the best checkpoint, feed the scheduler.
+
+        Distributed: every rank evaluates its share of the images and every rank gets the same metrics
+        (the task gathers them), so all take the same scheduler step and best-checkpoint decision."""
+        metrics = self.task.evaluate(self.model, self.val_set, self.cfg, self.device, self.num_workers, self.progress,
+                                     dist=self.dist)
         self.last_metrics = metrics
         flat = {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
         self.logger.write("eval", self.iteration, self.epoch, flat)
@@ -199,6 +244,10 @@ class Trainer:
         return metrics
 
     def save(self, name: str) -> None:
+        """Write a checkpoint (rank 0); a collective: every rank calls it, to hand in its RNG state."""
+        rank_states = self.dist.gather(rng_state(), f"iteration {self.iteration}: saving {name}")
+        if not self.dist.is_main:
+            return
         save_checkpoint(
             {
                 "model": self.model.state_dict(),
@@ -207,7 +256,9 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch,
                 "iteration": self.iteration,
-                "rng_state": rng_state(),
+                "rng_state": rank_states[0],
+                "rank_rng_states": rank_states,
+                "world_size": self.dist.world_size,
                 "config": to_dict(self.cfg),
                 "metrics": {"best": self.best, "skipped_batches": self.skipped_batches},
                 "classes": self.task.class_record(self.train_set),
@@ -258,8 +309,9 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         budget = self.cfg.train.time_budget
-        if budget is not None and time.monotonic() - self.started >= budget * 60:
-            self.stopped_by_budget = True
+        if budget is not None and not self.stopped_by_budget:  # the ranks' clocks differ: they agree to stop
+            spent = time.monotonic() - self.started >= budget * 60
+            self.stopped_by_budget = self.dist.agree(spent, f"iteration {self.iteration}: the time-budget check")
         return self.stopped_by_budget
 
     def _interrupted_message(self) -> str:
@@ -282,11 +334,24 @@ class Trainer:
         self.saved_iteration = self.iteration
         self.best = state["metrics"].get("best")
         self.skipped_batches = state["metrics"].get("skipped_batches", 0)
-        set_rng_state(state["rng_state"])
+        saved_world, ranks = state.get("world_size", 1), state.get("rank_rng_states")
+        if saved_world == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank] if ranks else state["rng_state"])
+        else:  # another process count: the same epoch and images done, rank 0's RNG, the lr rescaled
+            set_rng_state(state["rng_state"])
+            self.iteration = resume_position(self.epoch, self.iteration, len(self.train_set), self.cfg.train.batch_size,
+                                             saved_world, self.dist.world_size)
+            self.schedule.restart_at(self.iteration, lr_factor=scaled_train_config(self.cfg.train, self.dist.world_size).lr
+                                     / scaled_train_config(self.cfg.train, saved_world).lr)
+            log.warning("resumed a %d-process checkpoint on %d processes at iteration %d (epoch %d): the batches differ "
+                        "from an uninterrupted run from here on", saved_world, self.dist.world_size, self.iteration,
+                        self.epoch)
         log.info("resumed from %s at iteration %d (epoch %d)", path, self.iteration, self.epoch)
 
     def _finish(self) -> None:
         self.logger.close()
+        if not self.dist.is_main:
+            return
         plot_curves(self.logger.path, self.run_dir / "curves.png")
         if self.last_metrics:
             write_metrics(self.last_metrics, self.run_dir / "metrics.json")

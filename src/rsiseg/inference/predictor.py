@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from rsiseg.checkpoint import load_checkpoint
@@ -122,14 +122,19 @@ def iterate_predictions(
 def predict_dataset(
     model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
     num_workers: int = 0, progress: bool = True, label_to_category: list[int] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
     """COCO results (bbox + RLE segmentation) for every image of ``dataset`` (its images only are read).
 
     ``label_to_category`` (the data's category id of each model label, see
     :func:`rsiseg.inference.classes.map_labels_to_categories`) defaults to the dataset's own order.
+    ``shard = (rank, world_size)`` predicts images ``rank, rank + world_size, ...`` only (a distributed run).
     """
     results: list[dict[str, Any]] = []
     images = dataset.images_only()
+    rank, world = shard
+    if world > 1:
+        images = Subset(images, range(rank, len(images), world))
     for pred, target, _ in iterate_predictions(model, images, device, eval_cfg.batch_size, num_workers, progress):
         results += prediction_to_coco(
             pred, int(target["image_id"]), label_to_category or dataset.label_to_category,
@@ -148,11 +153,15 @@ def evaluate_model(
         ``(metrics, results)``: metrics as from :func:`rsiseg.evaluation.coco.evaluate_coco`.
     """
     results = predict_dataset(model, dataset, eval_cfg, device, num_workers, progress, label_to_category)
-    metrics = evaluate_coco(
+    return score_results(dataset, results, eval_cfg), results
+
+
+def score_results(dataset: CocoInstanceDataset, results: list[dict[str, Any]], eval_cfg: EvalConfig) -> dict[str, Any]:
+    """COCO metrics of ``results`` against ``dataset``'s checked ground truth (:func:`evaluate_coco`)."""
+    return evaluate_coco(
         dataset.index.to_coco(), results, iou_types=tuple(eval_cfg.iou_types), preset=eval_cfg.preset,
         max_dets=tuple(eval_cfg.max_dets) if eval_cfg.max_dets else None,
     )
-    return metrics, results
 
 
 class Predictor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rsiseg.config import ExperimentConfig
+from rsiseg.engine.distributed import Distributed
 
 
 class TaskDataset(Protocol):
@@ -49,8 +50,11 @@ class Task(Protocol):
         ...
 
     def evaluate(self, model: nn.Module, dataset: TaskDataset, cfg: ExperimentConfig, device: torch.device,
-                 num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-        """Metrics ``{group: {stat: value}}`` of ``model`` on ``dataset``."""
+                 num_workers: int = 0, progress: bool = True, dist: Distributed | None = None) -> dict[str, Any]:
+        """Metrics ``{group: {stat: value}}`` of ``model`` on ``dataset``.
+
+        With ``dist`` (a distributed run), each rank predicts its share of the items and every rank returns
+        the metrics of the whole set, equal to those of one process."""
         ...
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:

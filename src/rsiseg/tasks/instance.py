@@ -12,8 +12,9 @@ from rsiseg.config import ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.filters import filter_training_images
 from rsiseg.data.transforms import build_train_transforms
+from rsiseg.engine.distributed import Distributed, gather_sorted
 from rsiseg.evaluation.coco import PRESETS, format_metrics_table, stat_names
-from rsiseg.inference.predictor import evaluate_model
+from rsiseg.inference.predictor import predict_dataset, score_results
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,15 @@ class InstanceTask:
         return train, val
 
     def evaluate(self, model: nn.Module, dataset: CocoInstanceDataset, cfg: ExperimentConfig, device: torch.device,
-                 num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-        metrics, _ = evaluate_model(model, dataset, cfg.eval, device, num_workers, progress)
-        return metrics
+                 num_workers: int = 0, progress: bool = True, dist: Distributed | None = None) -> dict[str, Any]:
+        dist = dist or Distributed()
+        results = predict_dataset(model, dataset, cfg.eval, device, num_workers, progress,
+                                  shard=(dist.rank, dist.world_size))
+        position = {info["id"]: i for i, info in enumerate(dataset.index.images)}
+        merged = gather_sorted(dist, results, key=lambda r: position[r["image_id"]],
+                               what="gathering the evaluation's predictions")
+        metrics = score_results(dataset, merged, cfg.eval) if dist.is_main else None
+        return dist.broadcast(metrics, "sharing the evaluation's metrics")
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:
         return format_metrics_table(metrics)

@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from rsiseg.config import ExperimentConfig
 from rsiseg.data.semantic import SemanticDataset
+from rsiseg.engine.distributed import Distributed
 from rsiseg.evaluation.semantic import ConfusionMatrix, format_semantic_table
 from rsiseg.inference.display import to_display_rgb
 from rsiseg.inference.predictor import iterate_predictions, predict_images
@@ -52,11 +54,14 @@ class SemanticTask:
                                ignore_index=cfg.model.seg.ignore_index, seed=cfg.train.seed, **augment)
 
     def evaluate(self, model: nn.Module, dataset: SemanticDataset, cfg: ExperimentConfig, device: torch.device,
-                 num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+                 num_workers: int = 0, progress: bool = True, dist: Distributed | None = None) -> dict[str, Any]:
+        dist = dist or Distributed()
         matrix = ConfusionMatrix(dataset.num_classes, cfg.model.seg.ignore_index)
-        for pred, target, _ in iterate_predictions(model, dataset, device, cfg.eval.batch_size, num_workers,
+        part = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
+        for pred, target, _ in iterate_predictions(model, part, device, cfg.eval.batch_size, num_workers,
                                                    progress, desc="eval"):
             matrix.update(pred["labels"], target["labels"])
+        matrix.matrix = sum(dist.gather(matrix.matrix, "gathering the evaluation's confusion matrices"))
         return matrix.metrics(dataset.class_names)
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:

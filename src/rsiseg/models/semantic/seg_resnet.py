@@ -17,7 +17,7 @@ from torchvision.models.resnet import ResNet
 
 from rsiseg.config import ModelConfig
 from rsiseg.data.class_weights import load_class_weights
-from rsiseg.models.backbones.resnet_fpn import block_out_channels, build_resnet_body
+from rsiseg.models.backbones.resnet_fpn import NORMS, block_out_channels, build_resnet_body
 from rsiseg.models.semantic.partial_ce import partial_cross_entropy
 
 STRIDE = 32  # the encoder's total downsampling; inputs are padded to a multiple of it
@@ -47,7 +47,7 @@ class ResNetEncoder(nn.Module):
 
 
 class TransposedConvDecoder(nn.Module):
-    """Five x2 upsampling stages (``ConvTranspose2d`` k=4 s=2 + BN + ReLU) and a 1x1 classifier.
+    """Five x2 upsampling stages (``ConvTranspose2d`` k=4 s=2 + norm + ReLU) and a 1x1 classifier.
 
     Args:
         encoder_channels: channels of the encoder features at strides 2, 4, 8, 16, 32.
@@ -55,10 +55,12 @@ class TransposedConvDecoder(nn.Module):
         num_classes: K, the logit channels.
         skip_connections: concatenate the encoder feature of the stage's output stride (strides
             16, 8, 4, 2) to the stage output, U-Net style.
+        norm: ``bn`` (batch norm, the report's) or ``gn`` (group norm: no statistics across the batch, so
+            a distributed run equals one process on the same global batch).
     """
 
     def __init__(self, encoder_channels: list[int], decoder_channels: list[int], num_classes: int,
-                 skip_connections: bool = False) -> None:
+                 skip_connections: bool = False, norm: str = "bn") -> None:
         super().__init__()
         if len(encoder_channels) != 5 or len(decoder_channels) != 5:
             raise ValueError(f"expected 5 encoder and 5 decoder channel counts, got {encoder_channels} "
@@ -68,7 +70,7 @@ class TransposedConvDecoder(nn.Module):
         inputs = [encoder_channels[-1]] + [c + s for c, s in zip(decoder_channels[:-1], skips[:-1])]
         self.stages = nn.ModuleList(
             nn.Sequential(nn.ConvTranspose2d(cin, cout, kernel_size=4, stride=2, padding=1, bias=False),
-                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+                          NORMS["gn" if norm == "gn" else "bn"](cout), nn.ReLU(inplace=True))
             for cin, cout in zip(inputs, decoder_channels)
         )
         self.classifier = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=1)
@@ -80,7 +82,7 @@ class TransposedConvDecoder(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
@@ -191,7 +193,7 @@ def build_seg_resnet18(cfg: ModelConfig) -> SegResNet:
                              checkpoint=cfg.backbone_checkpoint, norm=cfg.norm, trainable_layers=cfg.trainable_layers)
     encoder = ResNetEncoder(body)
     decoder = TransposedConvDecoder(encoder.channels, list(cfg.seg.decoder_channels), cfg.num_classes,
-                                    cfg.seg.skip_connections)
+                                    cfg.seg.skip_connections, norm=cfg.norm)
     model = SegResNet(encoder, decoder, cfg.num_classes, list(cfg.image_mean), list(cfg.image_std),
                       cfg.seg.focal_gamma, cfg.seg.ignore_index)
     if cfg.seg.class_weights:
