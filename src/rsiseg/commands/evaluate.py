@@ -12,15 +12,16 @@ from rsiseg.commands.predict_tiled import parse_bands, predict_coco_scenes, tile
 from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.coco_index import read_coco_json
-from rsiseg.engine.distributed import gather_sorted, init_distributed, rank_device_name
+from rsiseg.engine.distributed import init_distributed, rank_device_name
 from rsiseg.evaluation.coco import evaluate_coco, format_metrics_table
 from rsiseg.evaluation.metrics import write_metrics
 from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prompted_table
 from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
-from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_dataset, score_results, stored_config
+from rsiseg.inference.predictor import LoadedModel, model_from_state, score_results, stored_config
 from rsiseg.tasks import get_task
+from rsiseg.tasks.instance import predict_sharded
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -55,10 +56,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     if args.prompt_missed:
         return _eval_missed_prompts(args, loaded, dataset, eval_cfg, label_to_category, ann)
-    results = predict_dataset(loaded.model, dataset, eval_cfg, loaded.device, progress=not args.quiet and dist.is_main,
-                              label_to_category=label_to_category, shard=(dist.rank, dist.world_size))
-    position = {info["id"]: i for i, info in enumerate(dataset.index.images)}
-    results = gather_sorted(dist, results, key=lambda r: position[r["image_id"]])
+    results = predict_sharded(loaded.model, dataset, eval_cfg, loaded.device, dist,
+                              progress=not args.quiet and dist.is_main, label_to_category=label_to_category)
     if not dist.is_main:
         return 0
     metrics = score_results(dataset, results, eval_cfg)

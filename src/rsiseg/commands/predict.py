@@ -159,9 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         return run_tiled_predict(args, state, OUTPUTS)
     out = Path(args.out)
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
-    if dist.is_main:
-        check_out_folder(out, args.overwrite)
-    dist.barrier("checking --out")
+    dist.main_only(lambda: check_out_folder(out, args.overwrite), "checking --out")
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None

@@ -46,9 +46,7 @@ def run_semantic_predict(args: argparse.Namespace, state: dict[str, Any]) -> int
         raise ValueError(f"{', '.join(used)}: instance-task options; {args.checkpoint} is a semantic model")
     out = Path(args.out)
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
-    if dist.is_main:
-        check_out_folder(out, args.overwrite, OUTPUTS)
-    dist.barrier("checking --out")
+    dist.main_only(lambda: check_out_folder(out, args.overwrite, OUTPUTS), "checking --out")
     found = collect_images(args.inputs, None, None, args.limit, args.strict)
     loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint,
                               fast=not args.exact)

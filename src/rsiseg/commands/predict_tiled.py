@@ -103,9 +103,7 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     options = tile_options(args, args.score_threshold)
     out = Path(args.out)
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th scene
-    if dist.is_main:
-        check_out_folder(out, args.overwrite, outputs)
-    dist.barrier("checking --out")
+    dist.main_only(lambda: check_out_folder(out, args.overwrite, outputs), "checking --out")
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     scenes = _scene_inputs(args, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None

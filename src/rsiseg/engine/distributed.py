@@ -96,6 +96,12 @@ class Distributed:
         self.barrier(what)
         return result if self.is_main else call()
 
+    def main_only(self, call, what: str) -> None:
+        """``call()`` on rank 0 alone, the others waiting for it: for checks that remove files."""
+        if self.is_main:
+            call()
+        self.barrier(what)
+
     def barrier(self, what: str = "barrier") -> None:
         if self.enabled:
             self._collective(dist.barrier, what)
@@ -170,13 +176,6 @@ def rank_device_name(ctx: Distributed, name: str) -> str:
     if ctx.enabled and name != "cpu" and torch.cuda.is_available():
         return f"cuda:{ctx.local_rank}"
     return name
-
-
-def rank_device(ctx: Distributed, device: torch.device) -> torch.device:
-    """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA run, else ``device`` as chosen."""
-    if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return device
 
 
 def shutdown_process_group() -> None:

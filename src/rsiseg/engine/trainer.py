@@ -42,7 +42,7 @@ from rsiseg.engine.distributed import (
     NullLogger,
     init_distributed,
     is_collective_failure,
-    rank_device,
+    rank_device_name,
     resume_position,
     scaled_train_config,
     wrap_model,
@@ -95,7 +95,7 @@ class Trainer:
         # checked the folder before rank 0 prepares it (after the model's DDP construction, a collective).
         resume_state = self.dist.main_first(lambda: preflight(cfg, resume=resume, overwrite=overwrite), "preflight")
         self.task = get_task(cfg.task)
-        self.device = rank_device(self.dist, select_device(cfg.train.device))
+        self.device = select_device(rank_device_name(self.dist, cfg.train.device))
         seed_everything(cfg.train.seed)
         self.train_set, self.val_set = self.task.build_datasets(cfg)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
@@ -113,8 +113,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, train_cfg)
         # Built after the optimizer, which must hold every parameter, the first stage's frozen ones included.
         self.freeze = BackboneFreeze(self.model, cfg.train.freeze_backbone_epochs)
-        self.iters_per_epoch = len(EpochBatchSampler(len(self.train_set), cfg.train.batch_size, 0, 0,
-                                                     self.dist.world_size))
+        self.iters_per_epoch = len(self.sampler)  # global batches of an epoch (no skip yet)
         total = cfg.train.epochs * self.iters_per_epoch
         self.total_iters = min(total, cfg.train.max_iters) if cfg.train.max_iters else total
         self.schedule = LRSchedule(self.optimizer, train_cfg, self.iters_per_epoch, self.total_iters)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsiseg.config import ExperimentConfig
+from rsiseg.config import EvalConfig, ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.filters import filter_training_images
 from rsiseg.data.transforms import build_train_transforms
@@ -49,12 +49,8 @@ class InstanceTask:
     def evaluate(self, model: nn.Module, dataset: CocoInstanceDataset, cfg: ExperimentConfig, device: torch.device,
                  num_workers: int = 0, progress: bool = True, dist: Distributed | None = None) -> dict[str, Any]:
         dist = dist or Distributed()
-        results = predict_dataset(model, dataset, cfg.eval, device, num_workers, progress,
-                                  shard=(dist.rank, dist.world_size))
-        position = {info["id"]: i for i, info in enumerate(dataset.index.images)}
-        merged = gather_sorted(dist, results, key=lambda r: position[r["image_id"]],
-                               what="gathering the evaluation's predictions")
-        metrics = score_results(dataset, merged, cfg.eval) if dist.is_main else None
+        results = predict_sharded(model, dataset, cfg.eval, device, dist, num_workers, progress)
+        metrics = score_results(dataset, results, cfg.eval) if dist.is_main else None
         return dist.broadcast(metrics, "sharing the evaluation's metrics")
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:
@@ -62,3 +58,14 @@ class InstanceTask:
 
     def class_record(self, dataset: CocoInstanceDataset) -> dict[str, list]:
         return {"names": dataset.class_names, "category_ids": dataset.label_to_category}
+
+
+def predict_sharded(model: nn.Module, dataset: CocoInstanceDataset, eval_cfg: EvalConfig, device: torch.device,
+                    dist: Distributed, num_workers: int = 0, progress: bool = True,
+                    label_to_category: list[int] | None = None) -> list[dict[str, Any]]:
+    """:func:`~rsiseg.inference.predictor.predict_dataset` on this rank's share of the images (every N-th),
+    every rank's results merged in the dataset's image order: the list one process gives, on every rank."""
+    results = predict_dataset(model, dataset, eval_cfg, device, num_workers, progress, label_to_category,
+                              shard=(dist.rank, dist.world_size))
+    position = {info["id"]: i for i, info in enumerate(dataset.index.images)}
+    return gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the predictions")
