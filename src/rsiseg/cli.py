@@ -30,6 +30,12 @@ DATA_COMMANDS = [
      "images sorted by id, so the same file and seed give the same subset whatever the image order; for one seed a "
      "smaller subset lies inside a larger one. Keeps the kept images' annotations only, in file order; categories, "
      "info, licenses and other top-level keys are copied unchanged. iSAID-100: --fraction 0.4 --seed 42."),
+    ("points", "one point per object of a COCO instances JSON (the point prompts of PointSAM)",
+     "Write a points JSON with one point per non-crowd annotation: --rule center takes the mask pixel farthest "
+     "from the mask border (the image edge counts as border), --rule random a uniformly drawn mask pixel seeded "
+     "by (seed, image id, instance), so the same file and seed give the same points. Points are (x, y) pixel "
+     "centres. Crowd regions and annotations with no mask pixels are skipped and counted; the image files are "
+     "not needed. Refuses to replace --out without --overwrite."),
     ("split", "cut large scenes and their annotations into overlapping patches (iSAID devkit scheme)",
      "Cut scenes into size x size patches with the given overlap (stride = size - overlap; the last patch of a "
      "row or column ends flush with the border; small images stay whole). Patch names and image entries record "
@@ -145,9 +151,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "The model's classes must name the data's categories (ids may differ): --class-map maps other names. "
         "Writes metrics.json, metrics.md, a table, and with a checkpoint results.json. A semantic checkpoint gives "
         "pixel accuracy, mean class accuracy, per-class IoU and mIoU on dense labels (--data LABELS_DIR --images "
-        "DIR, default its validation split).",
+        "DIR, default its validation split). A prompted (PointSAM) checkpoint, or --config for zero-shot SAM, is "
+        "prompted with one point per instance: mIoU, mask AP (scored by predicted IoU) and the box AP of the masks.",
     )
     p.add_argument("--checkpoint", help="a .pth written by rsiseg train")
+    p.add_argument("--config", metavar="CONFIG.yaml",
+                   help="a prompted-task config: evaluate the model it builds, untrained (zero-shot SAM from "
+                   "model.sam.checkpoint); the output defaults to <train.output_dir>/zero_shot")
     p.add_argument("--predictions", metavar="RESULTS.json", help="score this COCO results file instead (needs --data)")
     p.add_argument("--data", metavar="ANNOTATIONS.json", help="COCO ground truth to evaluate on")
     p.add_argument("--images", metavar="DIR", help="image folder of --data (default: the JSON's folder)")
@@ -268,6 +278,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.25)
+    s.add_argument("--object-scale", type=float, default=1.0,
+                   help="multiply every object's dimensions (default 1; 2 gives objects twice as long and wide)")
+    s.add_argument("--style", choices=["optical", "sar"], default="optical",
+                   help="instance scenes as optical RGB (default) or as speckled SAR-like intensity (a domain shift)")
     s.add_argument("--task", choices=["instance", "semantic"], default="instance",
                    help="instance: COCO JSONs (default); semantic: OUT/images/{train,val}, OUT/labels/{train,val} "
                    "(uint8 class indices of six Potsdam-like classes) and OUT/classes.json")
@@ -323,6 +337,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    if args.task == "semantic" and (args.style != "optical" or args.object_scale != 1.0):
+        raise ValueError("--style and --object-scale apply to the instance scenes, not --task semantic")
     if args.task == "semantic":
         from rsiseg.data.synthetic_semantic import write_synthetic_semantic_dataset
 
@@ -333,7 +349,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         return 0
     from rsiseg.data.synthetic import SynthSpec, write_synthetic_dataset
 
-    spec = SynthSpec(images=args.images, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+    spec = SynthSpec(images=args.images, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
+                     object_scale=args.object_scale, style=args.style)
     paths = write_synthetic_dataset(args.out, spec, progress=not args.quiet)
     for name, path in paths.items():
         print(f"{name:>6}: {path}")

@@ -36,7 +36,9 @@ NORMS = ("frozen_bn", "bn", "gn")
 PRETRAINED = ("none", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "plateau", "constant")
-TASKS = ("instance", "semantic")  # mirrors rsiseg.tasks.TASKS
+TASKS = ("instance", "semantic", "prompted")  # mirrors rsiseg.tasks.TASKS
+SAM_MODES = ("supervised", "self_training", "pointsam")
+POINT_RULES = ("center", "random")
 LABEL_FORMATS = ("index", "potsdam_rgb")
 POINT_SAMPLINGS = ("uniform", "stratified")
 
@@ -82,6 +84,9 @@ class DataConfig:
     label_format: str = "index"  # index (uint8 class indices, 255 = ignore) | potsdam_rgb (the ISPRS palette)
     image_size: int | None = None  # semantic: resize images and labels to this square side (the report: 150)
     points: PointsConfig = field(default_factory=PointsConfig)
+    # prompted task: the one point prompt of each instance, derived from its mask: center (the interior pixel
+    # farthest from the border) | random (a seeded interior pixel)
+    instance_points: str = "center"
 
 
 @dataclass
@@ -179,6 +184,37 @@ class YolactConfig:
 
 
 @dataclass
+class SamConfig:
+    """``model.sam``: PointSAM, SAM fine-tuned from point prompts (see :mod:`rsiseg.models.sam`).
+
+    The variant is the model's name: ``pointsam_tiny`` (256 px input), ``pointsam_vit_b``/``_vit_l``/``_vit_h`` (1024).
+    """
+
+    checkpoint: str | None = None  # the official SAM weights (sam_vit_b_01ec64.pth, ...); null = random init
+    mode: str = "pointsam"  # supervised (masks) | self_training (EMA teacher) | pointsam (+ prototypes, calibration)
+    # decoder (the mask decoder alone) | lora (it plus LoRA adapters on the encoder's attention) | all (every
+    # weight, the prompt encoder's too: to pretrain the tiny SAM, which has no released weights)
+    trainable: str = "decoder"
+    lora_rank: int = 4
+    prompts_per_image: int = 32  # at most this many instances (prompts) per image and step, a random draw above it
+    multimask: bool = True  # 3 candidate masks per prompt: the lowest loss trains, the highest predicted IoU answers
+    box_prompts: float = 0.0  # supervised mode: share of instances prompted by their box instead (SAM's training mix)
+    focal_weight: float = 20.0  # SAM's 20:1 focal to dice
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    ema_momentum: float = 0.999  # teacher = momentum x teacher + (1 - momentum) x student, every step
+    confidence: float = 0.5  # pseudo-masks whose teacher-predicted IoU is below this do not supervise
+    strong_jitter: float = 0.4  # the student's strong view: brightness/contrast jitter strength...
+    strong_noise: float = 0.05  # ...Gaussian noise std (image in [0, 1])...
+    strong_blur: float = 0.5  # ...and the probability of a 3x3 blur
+    calibration: bool = True  # pointsam: negative prompts from overlapping pseudo-masks, masks made exclusive
+    prototype_weight: float = 0.1  # pointsam: weight of the Hungarian prototype loss; 0 = off
+    num_prototypes: int = 8  # k of the target prototypes' clustering
+    prototype_bank: int = 512  # pseudo-mask prototypes kept for clustering
+    prototype_interval: int = 20  # steps between reclusterings of the bank
+
+
+@dataclass
 class ModelConfig:
     """Model architecture; ``name`` picks a builder from ``rsiseg.models.registry.MODELS``."""
 
@@ -217,6 +253,7 @@ class ModelConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     yolact: YolactConfig = field(default_factory=YolactConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
 
 
 @dataclass
@@ -282,7 +319,7 @@ class ExperimentConfig:
     """One experiment: the four sections and a name."""
 
     name: str = "experiment"
-    task: str = "instance"  # instance | semantic: what the data, the metrics and the outputs look like
+    task: str = "instance"  # instance | semantic | prompted: what the data, the metrics and the outputs look like
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -461,6 +498,14 @@ RULES: dict[str, Check] = {
     "train.freeze_backbone_epochs": _NON_NEGATIVE,
     "train.lr_scaling": _one_of(("linear", "none")),
     "train.dist_timeout": _POSITIVE,
+    "model.sam.mode": _one_of(SAM_MODES),
+    "model.sam.trainable": _one_of(("decoder", "lora", "all")),
+    **{f"model.sam.{k}": _POSITIVE for k in ("lora_rank", "prompts_per_image", "num_prototypes", "prototype_bank",
+                                             "prototype_interval")},
+    **{f"model.sam.{k}": _NON_NEGATIVE for k in ("focal_weight", "dice_weight", "iou_weight", "strong_jitter",
+                                                 "strong_noise", "prototype_weight")},
+    **{f"model.sam.{k}": _FRACTION for k in ("ema_momentum", "confidence", "strong_blur", "box_prompts")},
+    "data.instance_points": _one_of(POINT_RULES),
     "eval.preset": _one_of(PRESETS),
     "eval.max_dets": _optional(_rule(lambda v: len(v) == 3 and 0 < v[0] < v[1] < v[2],
                                      "must be three increasing positive ints"), "the preset's"),

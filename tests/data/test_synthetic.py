@@ -151,3 +151,16 @@ def test_bad_spec_raises() -> None:
     for bad in ({"seed": -1}, {"images": 0}, {"size": 16}, {"val_fraction": 1.0}, {"object_scale": 0}):
         with pytest.raises(ValueError):
             SynthSpec(**bad)
+
+
+def test_the_sar_style_shows_the_same_scenes_as_speckled_grey(tmp_path: Path) -> None:
+    optical = write_synthetic_dataset(tmp_path / "optical", SynthSpec(images=3, size=64, seed=5), progress=False)
+    sar = write_synthetic_dataset(tmp_path / "sar", SynthSpec(images=3, size=64, seed=5, style="sar"), progress=False)
+    assert _load(optical) == _load(sar)  # the same objects: only the look changes
+    name = json.loads(sar["train"].read_text())["images"][0]["file_name"]
+    grey = np.asarray(Image.open(sar["images"] / name))
+    assert grey.shape == (64, 64, 3) and (grey == grey[:, :, :1]).all()  # three equal bands
+    rgb = np.asarray(Image.open(optical["images"] / name)).astype(np.float32).mean(axis=2)
+    assert np.corrcoef(rgb.ravel(), grey[:, :, 0].ravel())[0, 1] > 0.2  # the scene shows through the speckle
+    with pytest.raises(ValueError, match="style"):
+        SynthSpec(style="infrared")

@@ -78,7 +78,7 @@ def test_prompt_command_writes_one_entry_per_box(untrained_checkpoint: str, tmp_
     assert report["prompts"][1]["box"] == [60, 10, 130, 80]
     assert all(p["segmentation"]["size"] == [90, 140] and 0 < p["score"] <= 1 for p in report["prompts"])
     assert Image.open(out / "prompts.png").size == (140, 90)
-    assert "box 1:" in capsys.readouterr().out
+    assert "prompt 1:" in capsys.readouterr().out
     assert main(argv) == 2  # a previous run is kept without --overwrite
     assert main(argv + ["--overwrite"]) == 0
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from rsiseg.checkpoint import load_checkpoint
 from rsiseg.commands.predict_tiled import parse_bands, predict_coco_scenes, tile_options, warn_if_resized
-from rsiseg.config import EvalConfig, ExperimentConfig
+from rsiseg.config import EvalConfig, ExperimentConfig, load_config
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.coco_index import read_coco_json
 from rsiseg.engine.distributed import init_distributed, rank_device_name
@@ -19,15 +19,19 @@ from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prom
 from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
-from rsiseg.inference.predictor import LoadedModel, model_from_state, score_results, stored_config
+from rsiseg.inference.predictor import LoadedModel, model_from_state, score_results, select_device, stored_config
+from rsiseg.models.registry import build_model
 from rsiseg.tasks import get_task
 from rsiseg.tasks.instance import predict_sharded
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (``--checkpoint``) or a results file (``--predictions``); write the metrics."""
-    if bool(args.checkpoint) == bool(args.predictions):
-        raise ValueError("pass either --checkpoint CKPT.pth or --predictions RESULTS.json (with --data GT.json)")
+    if sum(bool(x) for x in (args.checkpoint, args.predictions, args.config)) != 1:
+        raise ValueError("pass one of --checkpoint CKPT.pth, --predictions RESULTS.json (with --data GT.json) or "
+                         "--config CONFIG.yaml (a prompted model as its config builds it, e.g. zero-shot SAM)")
+    if args.config:
+        return _eval_prompted(args, None, load_config(args.config))
     if args.predictions:
         if args.prompt_missed:
             raise ValueError("--prompt-missed prompts a model: pass --checkpoint CKPT.pth, not --predictions")
@@ -36,6 +40,8 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = stored_config(state, args.checkpoint)
     if cfg.task == "semantic":
         return _eval_semantic(args, state, cfg)
+    if cfg.task == "prompted":
+        return _eval_prompted(args, state, cfg)
     ann = args.data or cfg.data.val_ann
     if not ann:
         raise ValueError(f"{args.checkpoint}: its config has no data.val_ann; pass --data ANNOTATIONS.json")
@@ -90,6 +96,40 @@ def _eval_tiled(args: argparse.Namespace, state: dict[str, Any], overrides: dict
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval_tiled"
     title = f"{Path(args.checkpoint).name} on {ann}, tiled {options.size} px / {options.overlap} px overlap"
     _write_outputs(out, metrics, title, format_metrics_table(metrics), results)
+    return 0
+
+
+def _eval_prompted(args: argparse.Namespace, state: dict[str, Any] | None, cfg: ExperimentConfig) -> int:
+    """Every instance prompted by its point: mIoU, mask AP and point-to-box AP of a checkpoint, or of the model a
+    config builds (``--config``: SAM with the official weights of ``model.sam.checkpoint``, the zero-shot row)."""
+    if cfg.task != "prompted":
+        raise ValueError(f"--config evaluates a prompted model (task: prompted); {args.config} has task {cfg.task!r}")
+    if args.class_map or args.prompt_missed or args.tiled:
+        raise ValueError("--class-map, --prompt-missed and --tiled apply to the instance task, not a prompted model")
+    ann = args.data or cfg.data.val_ann
+    if not ann:
+        raise ValueError(f"{args.checkpoint or args.config}: its config has no data.val_ann; pass --data GT.json")
+    images = args.images or (cfg.data.val_images if not args.data else None) or str(Path(ann).parent)
+    cfg = replace(cfg, eval=_eval_settings(cfg.eval, args))
+    task = get_task("prompted")
+    dataset = task.dataset(cfg, ann, images)
+    dist = init_distributed(args.device)  # under torchrun: each process prompts every N-th image
+    device = select_device(rank_device_name(dist, args.device))
+    if state is not None:
+        model = model_from_state(state, str(device), source=args.checkpoint).model
+    else:
+        model = build_model(cfg.model).to(device).eval()
+    results = task.answers(model, dataset, cfg, device, dist, progress=not args.quiet and dist.is_main)
+    if not dist.is_main:
+        return 0
+    metrics = task.score(dataset, results, cfg)
+    source = Path(args.checkpoint or args.config)
+    # A config's folder is the repository's configs/: the zero-shot figures go to the run's folder instead.
+    default = source.parent / "eval" if args.checkpoint else Path(cfg.train.output_dir) / "zero_shot"
+    out = Path(args.out) if args.out else default
+    _write_outputs(out, metrics, f"{source.name} on {ann}, one point per instance", task.format_metrics(metrics),
+                   results)
+    print(dataset.summary())
     return 0
 
 

@@ -28,6 +28,7 @@ from rsiseg.config import POINT_SAMPLINGS, PointsConfig
 from rsiseg.data.coco_index import DataError
 
 PointSet = tuple[np.ndarray, np.ndarray]  # int64 [P, 2] (row, col), int64 [P] class indices
+PointRow = tuple[str, Any, Any, Any, Any]  # (where, e.g. "line 3" or "feature 2"; image; x; y; class), unchecked
 
 
 def sample_points(labels: np.ndarray, count: int, sampling: str, seed: int, key: str,
@@ -125,7 +126,7 @@ def read_point_file(path: str | Path, class_names: Sequence[str] | None = None) 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: point file not found")
-    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _geojson_rows(path)
+    rows = csv_point_rows(path) if path.suffix.lower() == ".csv" else geojson_point_rows(path)
     lookup = {name: i for i, name in enumerate(class_names or [])}
     points: dict[str, tuple[list[tuple[int, int]], list[int]]] = {}
     for where, image, x, y, cls in rows:
@@ -146,7 +147,15 @@ def check_points_inside(points: np.ndarray, shape: tuple[int, int], where: str) 
                         f"e.g. x={col}, y={row}")
 
 
-def _csv_rows(path: Path) -> list[tuple[str, Any, Any, Any, Any]]:
+def csv_point_rows(path: Path) -> list[PointRow]:
+    """The rows of a CSV point file with the header ``image,x,y,class``, values as stripped strings.
+
+    Shared with :mod:`rsiseg.data.instance_points`, which reads the same files for instance points.
+
+    Raises:
+        DataError: unreadable file, a header without one of the fields, or a row with an empty field,
+            naming the file, the line and the field.
+    """
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -165,7 +174,15 @@ def _csv_rows(path: Path) -> list[tuple[str, Any, Any, Any, Any]]:
         raise DataError(f"{path}: cannot read the CSV point file ({type(err).__name__}: {err})") from None
 
 
-def _geojson_rows(path: Path) -> list[tuple[str, Any, Any, Any, Any]]:
+def geojson_point_rows(path: Path) -> list[PointRow]:
+    """The ``Point`` features of a GeoJSON FeatureCollection with properties ``image`` and ``class``.
+
+    Values are as in the file (numbers stay numbers); shared with :mod:`rsiseg.data.instance_points`.
+
+    Raises:
+        DataError: unreadable JSON, no ``features`` list, or a feature that is not a Point or lacks a
+            property, naming the file, the feature number and the field.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -189,7 +206,14 @@ def _geojson_rows(path: Path) -> list[tuple[str, Any, Any, Any, Any]]:
     return rows
 
 
-def _coordinate(value: Any, where: str) -> int:
+def point_coordinate(value: Any, where: str) -> float:
+    """A finite, non-negative pixel coordinate of a point file (fractional values kept).
+
+    Raises:
+        DataError: a missing, non-numeric, non-finite or negative value, naming ``where``.
+    """
+    if value is None:
+        raise DataError(f"{where} is missing")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -198,7 +222,12 @@ def _coordinate(value: Any, where: str) -> int:
         raise DataError(f"{where} is not a finite number: {value!r}")
     if number < 0:
         raise DataError(f"{where} is negative: {value!r}")
-    return int(math.floor(number))
+    return number
+
+
+def _coordinate(value: Any, where: str) -> int:
+    """The pixel a coordinate falls in."""
+    return int(math.floor(point_coordinate(value, where)))
 
 
 def _class_index(value: Any, lookup: dict[str, int], class_names: Sequence[str] | None, where: str) -> int:

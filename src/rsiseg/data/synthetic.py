@@ -48,6 +48,7 @@ CATEGORIES: list[dict] = [
 assert {c["name"]: c["id"] for c in CATEGORIES} == CATEGORY_IDS
 
 _IMAGE_STREAM, _SPLIT_STREAM = 0, 1  # SeedSequence spawn keys: independent streams per purpose
+STYLES = ("optical", "sar")
 # Sites: side lengths (px, drawn per side) and grey tone of the pavement.
 _SITE_DIMS = {"lot": (35.0, 80.0), "apron": (80.0, 140.0), "tanks": (45.0, 90.0)}
 _SITE_TONES = {"lot": (0.40, 0.52), "apron": (0.58, 0.68), "tanks": (0.50, 0.60)}
@@ -65,6 +66,9 @@ class SynthSpec:
         density: multiplies the number of objects per image (10-40 per 256^2 px at 1.0).
         object_scale: multiplies every object dimension (a ground-sampling-distance knob).
         empty_fraction: probability that an image holds no object at all.
+        style: ``optical`` (RGB) or ``sar``: the same scenes seen as single-look-like SAR, grey
+            intensity times Gamma-distributed speckle (2 looks), stored as 3 equal bands. A domain
+            shift for adaptation experiments (e.g. PointSAM's, pretrained on optical scenes).
     """
 
     images: int = 40
@@ -74,12 +78,15 @@ class SynthSpec:
     density: float = 1.0
     object_scale: float = 1.0
     empty_fraction: float = 0.05
+    style: str = "optical"
 
     def __post_init__(self) -> None:
         if self.images < 1 or self.size < 32 or self.seed < 0:
             raise ValueError(f"SynthSpec needs images >= 1, size >= 32, seed >= 0; got {self}")
         if not (0 <= self.val_fraction < 1 and 0 <= self.empty_fraction <= 1):
             raise ValueError(f"SynthSpec fractions must lie in [0, 1); got {self}")
+        if self.style not in STYLES:
+            raise ValueError(f"SynthSpec style must be one of {', '.join(STYLES)}; got {self.style!r}")
         if self.density < 0 or self.object_scale <= 0:
             raise ValueError(f"SynthSpec needs density >= 0 and object_scale > 0; got {self}")
 
@@ -337,6 +344,23 @@ def generate_scene(rng: np.random.Generator, size: int, *, density: float = 1.0,
     return image, instances
 
 
+def sar_look(image: np.ndarray, rng: np.random.Generator, looks: int = 2) -> np.ndarray:
+    """An optical scene as a speckled SAR-like intensity image.
+
+    Args:
+        image: RGB ``uint8 [H, W, 3]``.
+        rng: draws the speckle.
+        looks: the number of looks L: speckle is Gamma(L, 1/L), mean 1 (fewer looks, more speckle).
+
+    Returns:
+        ``uint8 [H, W, 3]``, three equal bands.
+    """
+    grey = image.astype(np.float32).mean(axis=2) / 255.0
+    speckled = grey ** 1.5 * rng.gamma(looks, 1.0 / looks, grey.shape).astype(np.float32)
+    grey8 = np.clip(np.sqrt(speckled) * 255 + 0.5, 0, 255).astype(np.uint8)  # amplitude, as SAR products show it
+    return np.repeat(grey8[:, :, None], 3, axis=2)
+
+
 # ----------------------------------------------------------------------------- COCO files
 
 
@@ -380,6 +404,8 @@ def write_synthetic_dataset(out_dir: str | Path, spec: SynthSpec, progress: bool
         rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_IMAGE_STREAM, index)))
         image, instances = generate_scene(rng, spec.size, density=spec.density,
                                           object_scale=spec.object_scale, empty_prob=spec.empty_fraction)
+        if spec.style == "sar":
+            image = sar_look(image, rng)
         file_name = f"synth_{index:05d}.png"
         ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:

@@ -26,7 +26,7 @@ from rsiseg.data.loader import collate, to_chw_tensor
 from rsiseg.evaluation.coco import evaluate_coco
 from rsiseg.inference.export import prediction_to_coco
 from rsiseg.inference.fast import prepare_for_inference
-from rsiseg.models.layers.box_prompting import EncodedImages, encode_images, segment_boxes
+from rsiseg.models.layers.box_prompting import encode_images, segment_boxes
 from rsiseg.models.registry import build_model
 
 
@@ -95,7 +95,8 @@ def without_initial_weights(cfg: ModelConfig) -> ModelConfig:
     A checkpoint must load on a machine without the ImageNet download, the backbone file or the
     class-weights file it was trained from.
     """
-    return replace(cfg, pretrained="none", backbone_checkpoint=None, seg=replace(cfg.seg, class_weights=None))
+    return replace(cfg, pretrained="none", backbone_checkpoint=None, seg=replace(cfg.seg, class_weights=None),
+                   sam=replace(cfg.sam, checkpoint=None))
 
 
 @torch.no_grad()
@@ -176,7 +177,8 @@ class Predictor:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self._image: Any = None
-        self._encoded: EncodedImages | None = None
+        self._image_size: tuple[int, int] = (0, 0)
+        self._encoded: Any = None  # EncodedImages, or a PointSam's Encoded
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto",
@@ -196,10 +198,19 @@ class Predictor:
         """Automatic detections of one image (CPU tensors), as :func:`predict_images` gives them."""
         return predict_images(self.loaded.model, [self.as_tensor(image)], self.loaded.device)[0]
 
+    @property
+    def takes_points(self) -> bool:
+        """Whether the model answers point prompts (PointSAM); the R-CNN models take boxes only."""
+        return hasattr(self.loaded.model, "answer")
+
+    @torch.no_grad()
     def set_image(self, image: Any) -> None:
         """Encode ``image`` for the prompts that follow."""
-        self._encoded = encode_images(self.loaded.model, [self.as_tensor(image)])
+        tensor = self.as_tensor(image)
+        model = self.loaded.model
+        self._encoded = model.encode([tensor]) if self.takes_points else encode_images(model, [tensor])
         self._image = image
+        self._image_size = tuple(tensor.shape[-2:])
 
     def segment(self, image: Any = None, boxes: Any = None, points: Any = None,
                 point_labels: Any = None) -> dict[str, torch.Tensor]:
@@ -207,14 +218,19 @@ class Predictor:
 
         Args:
             boxes: ``[K, 4]`` xyxy in the image's pixels (array, list or tensor).
-            points, point_labels: point prompts; only point-prompted models (PointSAM) take them.
+            points, point_labels: point prompts, for point-prompted models (PointSAM) only: ``[K, 2]``
+                (one point per prompt) or ``[K, P, 2]`` (x, y) pixels, labels ``[K, P]`` (1 object, 0
+                background; default all 1). With both points and boxes, prompt k holds both.
 
         Returns:
             CPU tensors ``boxes`` ``[K, 4]``, ``labels`` ``[K]``, ``scores`` ``[K]``, ``roi_masks``
             ``[K, 28, 28]`` (inside each box) and ``image_size``; :func:`rsiseg.inference.paste.paste_full`
-            gives full-size masks.
+            gives full-size masks. A point-prompted model gives ``masks`` float ``[K, 1, H, W]``
+            probabilities instead of ``roi_masks``, and its ``scores`` are predicted mask IoUs.
         """
         name = self.loaded.config.model.name
+        if self.takes_points:
+            return self._segment_points(image, boxes, points, point_labels)
         if not hasattr(self.loaded.model, "roi_heads"):
             raise ValueError(f"model {name!r} takes no prompts: box prompts need an R-CNN (a model with RoI heads)")
         if points is not None or point_labels is not None:
@@ -228,6 +244,43 @@ class Predictor:
         prompts = check_boxes(boxes, self._encoded.original_sizes[0])
         out = segment_boxes(self.loaded.model, self._encoded, [prompts.to(self.loaded.device)])[0]
         return {k: v.cpu() for k, v in out.items()}
+
+
+    def _segment_points(self, image: Any, boxes: Any, points: Any, point_labels: Any) -> dict[str, torch.Tensor]:
+        if points is None and boxes is None:
+            raise ValueError("segment() needs points=[[x, y], ...] and/or boxes=[[x1, y1, x2, y2], ...]")
+        if image is not None and image is not self._image:
+            self.set_image(image)
+        if self._encoded is None:
+            raise ValueError("segment() needs an image (none was given or set before)")
+        device = self.loaded.device
+        coords = labels = box_tensor = None
+        if points is not None:
+            coords = torch.as_tensor(np.asarray(points, dtype=np.float32))
+            coords = coords[:, None] if coords.dim() == 2 else coords
+            if coords.dim() != 3 or coords.shape[-1] != 2:
+                raise ValueError(f"points must be [K, 2] or [K, P, 2] (x, y), got shape {tuple(coords.shape)}")
+            labels = (torch.ones(coords.shape[:2]) if point_labels is None
+                      else torch.as_tensor(np.asarray(point_labels, dtype=np.float32)).reshape(coords.shape[:2]))
+            coords, labels = coords.to(device), labels.to(device)
+            check_points(coords, self._image_size)
+        if boxes is not None:
+            box_tensor = check_boxes(boxes, self._image_size).to(device)
+        if coords is not None and box_tensor is not None and len(coords) != len(box_tensor):
+            raise ValueError(f"{len(coords)} point prompts but {len(box_tensor)} boxes: prompt k pairs points k with box k")
+        out = self.loaded.model.answer(self._encoded, 0, points=coords, point_labels=labels, boxes=box_tensor)
+        return {k: v.cpu() for k, v in out.items()}
+
+
+def check_points(points: torch.Tensor, image_size: tuple[int, int]) -> None:
+    """Refuse point prompts ``[K, P, 2]`` (x, y) that are not finite or lie outside the image."""
+    height, width = image_size
+    x, y = points[..., 0], points[..., 1]
+    bad = ~torch.isfinite(points).all(-1) | (x < 0) | (y < 0) | (x > width) | (y > height)
+    if bad.any():
+        k, j = (int(v) for v in torch.nonzero(bad)[0])
+        raise ValueError(f"point prompt {k} (point {j}) {points[k, j].tolist()} is not inside the {width}x{height} "
+                         f"image ({int(bad.sum())} bad points)")
 
 
 def check_boxes(boxes: Any, image_size: tuple[int, int]) -> torch.Tensor:

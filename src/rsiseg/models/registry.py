@@ -15,6 +15,7 @@ from rsiseg.config import ModelConfig
 from rsiseg.models import cascade, mask_rcnn
 from rsiseg.models.attention_rcnn import model as attention_rcnn
 from rsiseg.models.prompt import model as prompt
+from rsiseg.models.sam import build as sam
 from rsiseg.models.semantic import seg_resnet
 from rsiseg.models.yolact import model as yolact
 
@@ -39,6 +40,10 @@ MODELS: dict[str, ModelEntry] = {
     "yolact_r18": ModelEntry(yolact.build_yolact_r18, ("instance",)),
     "yolact_r50": ModelEntry(yolact.build_yolact_r50, ("instance",)),
     "seg_resnet18": ModelEntry(seg_resnet.build_seg_resnet18, ("semantic",)),
+    "pointsam_tiny": ModelEntry(sam.build_pointsam_tiny, ("prompted",)),
+    "pointsam_vit_b": ModelEntry(sam.build_pointsam_vit_b, ("prompted",)),
+    "pointsam_vit_l": ModelEntry(sam.build_pointsam_vit_l, ("prompted",)),
+    "pointsam_vit_h": ModelEntry(sam.build_pointsam_vit_h, ("prompted",)),
 }
 
 

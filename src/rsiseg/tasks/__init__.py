@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from rsiseg.tasks.base import Task, TaskDataset
 from rsiseg.tasks.instance import InstanceTask
+from rsiseg.tasks.prompted import PromptedTask
 from rsiseg.tasks.semantic import SemanticTask
 
-TASKS: dict[str, Task] = {"instance": InstanceTask(), "semantic": SemanticTask()}
+TASKS: dict[str, Task] = {"instance": InstanceTask(), "semantic": SemanticTask(), "prompted": PromptedTask()}
 
 __all__ = ["TASKS", "Task", "TaskDataset", "get_task"]
 

@@ -33,7 +33,7 @@ class TaskDataset(Protocol):
 
 
 class Task(Protocol):
-    """One task: ``instance``, ``semantic`` (and later ``prompted``)."""
+    """One task: ``instance``, ``semantic`` or ``prompted``."""
 
     name: str
 
