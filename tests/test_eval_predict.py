@@ -89,7 +89,7 @@ def test_bad_results_files_are_refused(content: str, message: str, synth_data: d
 
 def test_eval_needs_exactly_one_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-q", "eval"]) == 2
-    assert "either --checkpoint" in capsys.readouterr().err
+    assert "pass one of --checkpoint" in capsys.readouterr().err
     assert main(["-q", "eval", "--predictions", str(tmp_path / "r.json")]) == 2
     assert "--data" in capsys.readouterr().err
 

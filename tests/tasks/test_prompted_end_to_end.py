@@ -72,6 +72,8 @@ def test_eval_of_a_checkpoint_and_zero_shot_from_a_config(synth_data: dict[str, 
     assert "| prompt |" in (tmp_path / "zero" / "metrics.md").read_text()
     assert main(["-q", "eval", "--config", str(config), "--checkpoint", "x.pth"]) == 2
     assert "pass one of" in capsys.readouterr().err
+    assert main(["-q", "info", str(config), "--no-speed", "--input-size", "64", "64"]) == 0  # one centre point
+    assert "pointsam_tiny" in capsys.readouterr().out
 
 
 def test_data_points_writes_one_point_per_instance(synth_data: dict[str, Path], tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                              f"(check the overrides): {str(err).splitlines()[0]}") from None
     model.to(device)
     size = tuple(args.input_size) if args.input_size else default_input_size(cfg)
+    if cfg.task == "prompted":
+        model = one_point_each(model)
     report = measure_efficiency(
         model, in_channels=cfg.model.in_channels, input_size=size, name=cfg.model.name, speed=not args.no_speed,
         runs=args.fps_runs, warmup=args.warmup, seed=args.seed, notes=_notes(cfg, size, source),
@@ -71,6 +73,28 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.json, lambda handle: handle.write(text + "\n"))
         print(f"wrote {args.json}")
     return 0
+
+
+def one_point_each(model: Any) -> Any:
+    """A prompted model measured as it answers one point at each image's centre: the image encoder, which
+    runs once per image whatever the prompt count, and one prompt's decoding (see bench/bench_sam_latency.py
+    for the cost of more prompts)."""
+    import torch
+    from torch import nn
+
+    class OnePoint(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: list[torch.Tensor]) -> Any:
+            centres = [torch.tensor([[img.shape[-1] / 2, img.shape[-2] / 2]], device=img.device) for img in images]
+            # inference_mode: a view of a trainable embedding made under no_grad would claim requires_grad
+            # without a graph, which FLOP counting's module tracker refuses.
+            with torch.inference_mode():
+                return self.model(images, prompts=[{"points": c} for c in centres])
+
+    return OnePoint()
 
 
 def _resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any] | None, str]:

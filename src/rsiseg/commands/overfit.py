@@ -176,7 +176,10 @@ def write_figures(model: Any, dataset: Any, names: list[str], folder: Path, devi
     written, stems = [], set()
     for idx, name in enumerate(names):
         image, target = dataset[idx]
-        pred = predict_images(model, [image], device)[0]
+        if "points" in target:  # a prompted model answers the instances' own points
+            pred = predict_images(model, [image], device, [{"points": target["points"], "labels": target["labels"]}])[0]
+        else:
+            pred = predict_images(model, [image], device)[0]
         stem = Path(name).stem if Path(name).stem not in stems else f"{Path(name).stem}_{idx}"
         stems.add(stem)
         panels = (_instance_panels(image, target, pred, dataset.class_names, score_threshold) if "boxes" in pred

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 MAX_WARMUP = 10  # iterations of linear warmup at most, whatever train.warmup_iters says
 MAX_SKIPPED_IN_A_ROW = 10  # non-finite losses in a row that end the run as diverged
 # The metric the loop stops on, by preference: the first one the task's evaluation gives.
-HEADLINE_METRICS = ("segm/AP50", "bbox/AP50", "semantic/mIoU")
+HEADLINE_METRICS = ("prompt/mIoU", "segm/AP50", "bbox/AP50", "semantic/mIoU")  # the first a task gives
 
 Item = tuple[torch.Tensor, dict[str, Any]]  # image float [C, H, W] in [0, 1], target dict
 
@@ -85,7 +85,7 @@ class OverfitResult:
 
 
 def headline_metric(task: Task, cfg: ExperimentConfig) -> str:
-    """The metric an overfit stops on: segm AP50 when segm is evaluated, else bbox AP50, or mIoU.
+    """The metric an overfit stops on: prompted mIoU, segm AP50 when segm is evaluated, else bbox AP50, or mIoU.
 
     Falls back to the task's first metric for a task that gives none of :data:`HEADLINE_METRICS`.
     """

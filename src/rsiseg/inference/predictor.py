@@ -100,10 +100,17 @@ def without_initial_weights(cfg: ModelConfig) -> ModelConfig:
 
 
 @torch.no_grad()
-def predict_images(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Predict one batch of ``[C, H, W]`` float images in [0, 1]; outputs are moved to CPU."""
+def predict_images(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+                   prompts: list[dict[str, torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Predict one batch of ``[C, H, W]`` float images in [0, 1] (a prompted model: answer ``prompts``, one dict
+    per image); outputs are moved to CPU."""
     model.eval()
-    outputs = model([img.to(device, non_blocking=True) for img in images])
+    images = [img.to(device, non_blocking=True) for img in images]
+    if prompts is not None:
+        prompts = [{k: v.to(device) for k, v in p.items()} for p in prompts]
+        outputs = model(images, prompts=prompts)
+    else:
+        outputs = model(images)
     return [{k: v.cpu() for k, v in out.items()} for out in outputs]
 
 
