@@ -9,7 +9,8 @@ each instance, derived from the instance's (augmented) mask by ``data.instance_p
   augmentation the drawn pixel is drawn again for each view.
 
 In the weakly supervised modes the masks only give these points (and, for evaluation, the score);
-the model never sees them.
+the model never sees them. An annotation whose mask rasterises to nothing is prompted from its box
+(the dataset's fallback); ``rsiseg data points`` skips and counts such annotations instead.
 """
 
 from __future__ import annotations

@@ -180,7 +180,8 @@ class PrototypeBank(nn.Module):
         ``num_centres`` int64 scalar: centres from the last :meth:`recluster` (0 until the first).
 
     Under DistributedDataParallel with ``broadcast_buffers=True`` (its default) every forward copies
-    rank 0's buffers to the other ranks, so the bank effectively holds rank 0's prototypes.
+    rank 0's buffers to the other ranks, so the bank effectively holds rank 0's prototypes: what the
+    other ranks push is overwritten at their next forward (a known limit: gather before pushing to fix it).
 
     Args:
         dim: C of the prototypes.
