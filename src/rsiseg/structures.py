@@ -81,15 +81,22 @@ def rle_to_xywh(rle: dict[str, Any]) -> list[float]:
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes ``[N, 4]`` of ``[N, H, W]`` masks; pixel-edge convention (x2 = last col + 1)."""
+    """Tight xyxy boxes ``[N, 4]`` float of ``[N, H, W]`` masks, on their device; pixel-edge convention
+    (x2 = last col + 1); an empty mask gets zeros."""
     if masks.numel() == 0:
-        return torch.zeros((masks.shape[0], 4), dtype=torch.float32)
-    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
-    for i, m in enumerate(masks):
-        ys, xs = torch.where(m > 0)
-        if len(xs):
-            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
-    return boxes
+        return torch.zeros((masks.shape[0], 4), dtype=torch.float32, device=masks.device)
+    filled = masks > 0
+    rows, cols = filled.any(dim=2), filled.any(dim=1)
+    height, width = masks.shape[-2:]
+    y_idx = torch.arange(height, device=masks.device)
+    x_idx = torch.arange(width, device=masks.device)
+    big = max(height, width)
+    x1 = torch.where(cols, x_idx, big).amin(dim=1)
+    y1 = torch.where(rows, y_idx, big).amin(dim=1)
+    x2 = torch.where(cols, x_idx + 1, 0).amax(dim=1)
+    y2 = torch.where(rows, y_idx + 1, 0).amax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
 def _bytes_counts(rle: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from rsiseg.config import ModelConfig, SamConfig
 from rsiseg.masks import InstanceMasks
 from rsiseg.models.registry import build_model
 from rsiseg.models.sam.build import VARIANTS, build_sam, load_sam_weights
-from rsiseg.models.sam.model import PointSam, mask_boxes, to_sam_coordinates
+from rsiseg.models.sam.model import PointSam, to_sam_coordinates
 from rsiseg.models.sam.pseudo_labels import teacher_pseudo_masks
+from rsiseg.structures import masks_to_boxes
 
 SIZE = 96
 
@@ -233,6 +234,6 @@ def test_mask_boxes_and_sam_coordinates() -> None:
     masks = torch.zeros(3, 10, 12, dtype=torch.bool)
     masks[0, 2:5, 3:9] = True
     masks[1, 9, 11] = True
-    assert mask_boxes(masks).tolist() == [[3, 2, 9, 5], [11, 9, 12, 10], [0, 0, 0, 0]]
+    assert masks_to_boxes(masks).tolist() == [[3, 2, 9, 5], [11, 9, 12, 10], [0, 0, 0, 0]]
     # The prompt encoder adds half a pixel to an index: a continuous centre 10.5 at scale 2 lands on 21.
     assert to_sam_coordinates(torch.tensor([[10.5, 3.5]]), 2.0).tolist() == [[20.5, 6.5]]

@@ -93,15 +93,17 @@ class CocoIndex:
         return {"images": self.images, "annotations": anns, "categories": self.categories}
 
 
-def load_coco_index(ann_file: str | Path, image_dir: str | Path, repair: bool = False) -> CocoIndex:
-    """Read and check a COCO instances JSON.
+def load_coco_index(ann_file: str | Path, image_dir: str | Path | None, repair: bool = False) -> CocoIndex:
+    """Read and check a COCO instances JSON (``image_dir`` None: every check but that the image files exist,
+    for tools that read annotations only; the index's ``image_dir`` is then the JSON's folder).
 
     Raises:
         DataError: on malformed JSON, missing fields, missing image files, bad polygons, boxes
             outside the image or of zero area, unknown category or image ids, duplicate ids.
             With ``repair=True`` per-annotation and missing-image problems become counted skips.
     """
-    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    ann_file = Path(ann_file)
+    image_dir = Path(image_dir) if image_dir is not None else None
     raw = read_coco_json(ann_file)
     report = DataReport(str(ann_file))
     checker = _Checker(ann_file, image_dir, repair, report)
@@ -113,7 +115,7 @@ def load_coco_index(ann_file: str | Path, image_dir: str | Path, repair: bool = 
     kept = [img for img in images if img["id"] not in checker.dropped_images]
     if report.counts:
         log.warning(report.summary())
-    return CocoIndex(ann_file, image_dir, kept, anns_by_image, categories, report)
+    return CocoIndex(ann_file, image_dir or ann_file.parent, kept, anns_by_image, categories, report)
 
 
 def number_problem(ann: dict[str, Any], width: int, height: int) -> tuple[str, str] | None:
@@ -178,7 +180,7 @@ def read_coco_json(path: Path) -> dict[str, Any]:
 class _Checker:
     """Runs the checks; raises or records in the report depending on ``repair``."""
 
-    def __init__(self, ann_file: Path, image_dir: Path, repair: bool, report: DataReport) -> None:
+    def __init__(self, ann_file: Path, image_dir: Path | None, repair: bool, report: DataReport) -> None:
         self.ann_file, self.image_dir, self.repair, self.report = ann_file, image_dir, repair, report
         self.dropped_images: set[int] = set()
 
@@ -220,6 +222,8 @@ class _Checker:
             if img["id"] in seen:
                 raise DataError(f"{self.ann_file}: duplicate image id {img['id']} ({img['file_name']})")
             seen.add(img["id"])
+            if self.image_dir is None:  # annotations only
+                continue
             path = self.image_dir / img["file_name"]
             if not path.is_file():
                 self.fail("missing image file", f"image id {img['id']} ({path})", "image file not found")

@@ -38,7 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from rsiseg.config import POINT_RULES
-from rsiseg.data.coco_index import DataError, DataReport, _Checker, read_coco_json
+from rsiseg.data.coco_index import DataError, load_coco_index
 from rsiseg.data.points import PointRow, csv_point_rows, geojson_point_rows, point_coordinate
 from rsiseg.fileio import atomic_write
 from rsiseg.masks import InstanceMasks
@@ -162,7 +162,8 @@ def points_from_coco(ann_file: str | Path, rule: str = "center", seed: int = 0,
     _check_rule(rule)
     _check_seed(seed)
     ann_file = Path(ann_file)
-    categories, images, anns_by_image = _checked_coco(ann_file)
+    index = load_coco_index(ann_file, None)  # the dataset's checks, without needing the image files
+    categories, images, anns_by_image = index.categories, index.images, index.anns_by_image
     report = PointsReport(str(ann_file), images=len(images))
     points: list[dict[str, Any]] = []
     for img in tqdm(images, desc="points", disable=not progress):
@@ -228,28 +229,6 @@ def read_instance_points(path: str | Path, class_names: Sequence[str] | None = N
         raise DataError(f"{path}: expected a points JSON (an object with 'points') or a GeoJSON "
                         f"FeatureCollection (an object with 'features')")
     return _from_rows(path, geojson_point_rows(path), class_names)
-
-
-def _checked_coco(ann_file: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
-    """Categories (sorted by id), images and checked annotations per image id, as the dataset checks them."""
-    raw = read_coco_json(ann_file)
-    checker = _AnnotationChecker(ann_file, ann_file.parent, False, DataReport(str(ann_file)))
-    categories = checker.categories(raw)
-    images = checker.images(raw)
-    return categories, images, checker.annotations(raw, images, {c["id"] for c in categories})
-
-
-class _AnnotationChecker(_Checker):
-    """The checks of ``load_coco_index`` minus the one that the image files exist."""
-
-    def fail(self, kind: str, where: str, detail: str) -> None:
-        if kind != "missing image file":
-            super().fail(kind, where, detail)
-
-    def images(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
-        images = super().images(raw)
-        self.dropped_images.clear()  # fail() let the missing files through, but images() still marks them dropped
-        return images
 
 
 def _from_rows(path: Path, rows: list[PointRow], class_names: Sequence[str] | None) -> dict[str, InstancePointSet]:

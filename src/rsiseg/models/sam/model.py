@@ -37,6 +37,7 @@ from rsiseg.models.sam.losses import dice_loss, focal_loss, sam_losses
 from rsiseg.models.sam.prototypes import PrototypeBank, masked_average_pool, prototype_loss
 from rsiseg.models.sam.pseudo_labels import teacher_pseudo_masks
 from rsiseg.models.sam.views import strong_view
+from rsiseg.structures import masks_to_boxes
 
 PROMPT_CHUNK = 64  # prompts decoded at once at inference: the decoder repeats the image embedding per prompt
 
@@ -51,19 +52,9 @@ def to_sam_coordinates(coords: Tensor, scale: float) -> Tensor:
     return coords * scale - 0.5
 
 
-def mask_boxes(masks: Tensor) -> Tensor:
-    """Tight xyxy boxes ``[N, 4]`` (pixel edges) of bool masks ``[N, H, W]`` on their device; empty masks get zeros."""
-    rows, cols = masks.any(dim=2), masks.any(dim=1)
-    height, width = masks.shape[-2:]
-    y_idx = torch.arange(height, device=masks.device)
-    x_idx = torch.arange(width, device=masks.device)
-    big = max(height, width)
-    x1 = torch.where(cols, x_idx, big).amin(dim=1)
-    y1 = torch.where(rows, y_idx, big).amin(dim=1)
-    x2 = torch.where(cols, x_idx + 1, 0).amax(dim=1)
-    y2 = torch.where(rows, y_idx + 1, 0).amax(dim=1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return torch.where(cols.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+def frame_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """``(H, W)`` of an image of ``size`` scaled by ``scale``: the part of a padded frame the image fills."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 @dataclass
@@ -133,9 +124,8 @@ class PointSam(nn.Module):
 
     def prepare(self, image: Tensor) -> tuple[Tensor, float]:
         """One image into the input frame: resized (long side S), normalised, padded to ``[C, S, S]``."""
-        height, width = image.shape[-2:]
-        scale = self.image_size / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scale = self.image_size / max(image.shape[-2:])
+        size = frame_size(image.shape[-2:], scale)
         resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         normed = (resized - self.image_mean) / self.image_std
         return F.pad(normed, (0, self.image_size - size[1], 0, self.image_size - size[0])), scale
@@ -209,7 +199,7 @@ class PointSam(nn.Module):
             scores.append(chunk_iou[rows, best])
         masks = torch.cat(logits) if logits else embedding.new_zeros((0, *encoded.sizes[index]))
         return {"masks": masks[:, None], "scores": torch.cat(scores).clamp(0, 1) if scores else masks.new_zeros(0),
-                "boxes": mask_boxes(masks > 0.5),
+                "boxes": masks_to_boxes(masks > 0.5),
                 "labels": labels if labels is not None else torch.ones(count, dtype=torch.int64, device=masks.device)}
 
     def _multimask(self, coords: Tensor | None, boxes: Tensor | None) -> bool:
@@ -233,7 +223,8 @@ class PointSam(nn.Module):
             return low.new_zeros((0, *size))
         frame = F.interpolate(low[:, None], size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)
-        valid = frame[..., : max(1, round(size[0] * scale)), : max(1, round(size[1] * scale))]
+        height, width = frame_size(size, scale)
+        valid = frame[..., :height, :width]
         return F.interpolate(valid, size=size, mode="bilinear", align_corners=False)[:, 0]
 
     # ----------------------------------------------------------------- training
@@ -279,8 +270,7 @@ class PointSam(nn.Module):
 
     def to_low_res(self, masks: Tensor, scale: float) -> Tensor:
         """Image-frame masks ``[N, H, W]`` into the low-res frame ``[N, L, L]`` (resized, padded)."""
-        factor = scale * self.low_res / self.image_size
-        size = (max(1, round(masks.shape[-2] * factor)), max(1, round(masks.shape[-1] * factor)))
+        size = frame_size(masks.shape[-2:], scale * self.low_res / self.image_size)
         small = F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)[:, 0]
         return F.pad(small, (0, self.low_res - size[1], 0, self.low_res - size[0]))
 
@@ -358,8 +348,7 @@ class PointSam(nn.Module):
 
     def _clear_padding(self, masks: Tensor, scale: float, size: tuple[int, int]) -> Tensor:
         """Low-res masks ``[N, L, L]`` with the padded part of the frame (no image there) set to 0."""
-        factor = scale * self.low_res / self.image_size
-        height, width = max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+        height, width = frame_size(size, scale * self.low_res / self.image_size)
         masks = masks.clone()
         masks[:, height:, :] = 0
         masks[:, :, width:] = 0
