@@ -87,6 +87,9 @@ class DataConfig:
     # prompted task: the one point prompt of each instance, derived from its mask: center (the interior pixel
     # farthest from the border) | random (a seeded interior pixel)
     instance_points: str = "center"
+    # prompted task, point-only training (self_training / pointsam modes): a points JSON, CSV or GeoJSON of the
+    # train_images instead of train_ann; its images need no masks (see rsiseg.data.point_labels)
+    train_points: str | None = None
 
 
 @dataclass
@@ -212,6 +215,9 @@ class SamConfig:
     num_prototypes: int = 8  # k of the target prototypes' clustering
     prototype_bank: int = 512  # pseudo-mask prototypes kept for clustering
     prototype_interval: int = 20  # steps between reclusterings of the bank
+    # trainable decoder only: a folder of the frozen encoder's embeddings, found again by image content (the
+    # teacher's views, the plain images of supervised training and evaluation); null = encode every time
+    embedding_cache: str | None = None
 
 
 @dataclass
@@ -547,12 +553,47 @@ def validate_config(cfg: ExperimentConfig, source: str = "config") -> Experiment
         if len(getattr(model, key)) != model.in_channels:
             problems.append(f"'model.{key}' has {len(getattr(model, key))} values but model.in_channels is "
                             f"{model.in_channels}: give one per band")
+    problems += _train_points_problems(cfg)
+    problems += _embedding_cache_problems(cfg)
     points = cfg.data.points
     if points.count is None and points.fraction is None and points.file is None:
         problems.append("'data.points' needs a count, a fraction or a file")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg
+
+
+def _train_points_problems(cfg: ExperimentConfig) -> list[str]:
+    """``data.train_points`` trains the prompted task's point-only modes, instead of ``data.train_ann``."""
+    data = cfg.data
+    if data.train_points is None:
+        return []
+    if cfg.task != "prompted":
+        return [f"'data.train_points' trains the prompted task (point prompts); task is {cfg.task!r}"]
+    problems = []
+    if cfg.model.sam.mode == "supervised":
+        problems.append("'data.train_points' gives points only, but 'model.sam.mode' = 'supervised' trains on "
+                        "masks: use self_training or pointsam, or data.train_ann")
+    if data.train_ann:
+        problems.append("'data.train_points' and 'data.train_ann' are two training sets: set one")
+    if data.max_instances is not None or data.max_empty_fraction is not None:
+        problems.append("'data.max_instances' and 'data.max_empty_fraction' filter the images of data.train_ann; "
+                        "set them to null with data.train_points")
+    return problems
+
+
+def _embedding_cache_problems(cfg: ExperimentConfig) -> list[str]:
+    """``model.sam.embedding_cache`` needs a frozen encoder and training views that recur."""
+    sam, data = cfg.model.sam, cfg.data
+    if sam.embedding_cache is None:
+        return []
+    if sam.trainable != "decoder":
+        return [f"'model.sam.embedding_cache' caches a frozen encoder, but 'model.sam.trainable' = {sam.trainable!r} "
+                f"trains it (its embeddings change every step): use decoder"]
+    if data.color_jitter > 0 or list(data.scale_range) != [1.0, 1.0]:
+        return ["'model.sam.embedding_cache' stores views that recur, but data.color_jitter or data.scale_range "
+                "make every training view new (the cache would only grow): turn them off or the cache"]
+    return []
 
 
 def _leaves(raw: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

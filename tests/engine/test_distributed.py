@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from rsiseg.checkpoint import load_checkpoint
 from rsiseg.engine.distributed import Distributed, resume_position, scaled_train_config
 from rsiseg.engine.sampler import EpochBatchSampler, epoch_batches
-
-JOIN_TIMEOUT_S = 180
+from tests.engine.ddp_launch import rank_environment, spawn_ranks
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +46,12 @@ def config(data: Path, out: Path, batch_size: int, **train) -> dict:
     return raw
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, raw: dict, resume: bool, fault: tuple[str, int] | None,
             results: str) -> None:
     """One rank of a torchrun-like run: the environment torchrun sets, then ``rsiseg train``'s Trainer.
 
     ``fault = ("die", i)`` kills the last rank at iteration ``i``; ``("nan", i)`` gives it a NaN loss there."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     from rsiseg.config import config_from_dict
     from rsiseg.engine.distributed import shutdown_process_group
     from rsiseg.engine.trainer import Trainer
@@ -100,19 +89,7 @@ def launch(world: int, raw: dict, results: Path, resume: bool = False,
            fault: tuple[str, int] | None = None) -> list[dict]:
     """Run ``world`` spawned ranks to the end; each rank's outcome (None for a rank that wrote none)."""
     results.mkdir(parents=True, exist_ok=True)
-    context = mp.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_worker, args=(rank, world, port, raw, resume, fault, str(results)))
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    alive = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    assert not alive, f"ranks {alive} still running after {JOIN_TIMEOUT_S} s: a hang"
+    spawn_ranks(_worker, world, raw, resume, fault, str(results))
     files = [results / f"rank{rank}.json" for rank in range(world)]
     return [json.loads(f.read_text()) if f.is_file() else None for f in files]
 
@@ -178,9 +155,7 @@ def test_a_dead_rank_ends_the_others_with_an_error(semantic_data: Path, tmp_path
 
 def _eval_worker(rank: int, world: int, port: int, configs: dict, results: str) -> None:
     """Evaluate a seeded, untrained model of each task on this rank's share; rank 0 writes the metrics."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     from rsiseg.engine.distributed import init_distributed, shutdown_process_group
 
     dist = init_distributed("cpu", 60.0)
@@ -216,64 +191,12 @@ def test_sharded_evaluation_equals_one_process(synth_data: dict[str, Path], sema
     configs = {"instance": instance, "semantic": semantic}
     results = tmp_path / "results"
     results.mkdir()
-    context = mp.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_eval_worker, args=(rank, 2, port, configs, str(results))) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-        assert proc.exitcode == 0
+    assert spawn_ranks(_eval_worker, 2, configs, str(results)) == [0, 0]
     sharded = [json.loads((results / f"rank{rank}.json").read_text()) for rank in range(2)]
     single = json.loads(json.dumps({name: evaluate_seeded(raw) for name, raw in configs.items()}))
     assert sharded[0] == sharded[1] == single  # every rank holds the whole set's metrics, exactly
     assert 0 < single["semantic"]["semantic"]["mIoU"] < 1  # (the untrained detector's AP is 0: its results are
     # compared one by one through the commands, in the test below)
-
-
-def _cli_worker(rank: int, world: int, port: int, argv: list[str], results: str) -> None:
-    """``rsiseg ARGV`` as one torchrun rank; writes the exit code."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from rsiseg.cli import main
-
-    Path(results, f"rank{rank}.json").write_text(json.dumps({"code": main(argv)}))
-
-
-def run_cli(world: int, argv: list[str], results: Path) -> list[int]:
-    results.mkdir(parents=True, exist_ok=True)
-    context = mp.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_cli_worker, args=(rank, world, port, argv, str(results))) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    return [json.loads((results / f"rank{rank}.json").read_text())["code"] for rank in range(world)]
-
-
-def test_sharded_eval_and_predict_commands_write_the_single_process_results(
-        synth_data: dict[str, Path], untrained_checkpoint: str, tmp_path: Path) -> None:
-    common = ["--checkpoint", untrained_checkpoint, "--device", "cpu"]
-    evaluate = ["-q", "eval", *common, "--data", str(synth_data["train"]), "--images", str(synth_data["images"])]
-    predict = ["-q", "predict", *common, str(synth_data["images"]), "--score-threshold", "0.05"]
-    for name, argv, written in (("eval", evaluate, "results.json"), ("predict", predict, "predictions.json")):
-        single, sharded = tmp_path / f"{name}_1", tmp_path / f"{name}_2"
-        assert run_cli(1, [*argv, "--out", str(single)], tmp_path / f"{name}_r1") == [0]
-        assert run_cli(2, [*argv, "--out", str(sharded)], tmp_path / f"{name}_r2") == [0, 0]
-        one = json.loads((single / written).read_text())
-        two = json.loads((sharded / written).read_text())
-        assert len(one) == len(two) > 0
-        assert [(r["image_id"], r["category_id"]) for r in one] == [(r["image_id"], r["category_id"]) for r in two]
-        assert all(a["score"] == pytest.approx(b["score"], abs=1e-5) for a, b in zip(one, two))
-    assert json.loads((tmp_path / "eval_1" / "metrics.json").read_text()) == json.loads(
-        (tmp_path / "eval_2" / "metrics.json").read_text())
-    overlays = sorted(p.name for p in (tmp_path / "predict_2" / "overlays").iterdir())
-    assert overlays == sorted(p.name for p in (tmp_path / "predict_1" / "overlays").iterdir()) and len(overlays) == 8
-    entries = json.loads((tmp_path / "predict_2" / "images.json").read_text())["images"]
-    assert [e["id"] for e in entries] == [e["id"] for e in json.loads(
-        (tmp_path / "predict_1" / "images.json").read_text())["images"]]
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(semantic_data: Path, tmp_path: Path) -> None:

@@ -110,6 +110,10 @@ def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Pat
 
     monkeypatch.setattr("rsiseg.engine.trainer.Trainer.fit", no_training)
     assert main(argv) == 0  # both runs reused
+    older = yaml.safe_load((out / "all" / "config.yaml").read_text())
+    del older["data"]["instance_points"]  # as a run trained before rsiseg had the key (at its default here)
+    (out / "all" / "config.yaml").write_text(yaml.safe_dump(older))
+    assert main(argv) == 0  # still reused
     changed = argv[:3] + ["model.prompt.dim=8"] + argv[3:]
     assert main(changed) == 2  # a finished run trained with other settings is not mixed into the table
     assert "trained with model.prompt.dim=16, but this run asks for 8" in capsys.readouterr().err

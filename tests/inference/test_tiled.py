@@ -140,6 +140,45 @@ def test_multiscale_pass_adds_no_duplicates(tmp_path: Path) -> None:
     assert loaded.model.transform.min_size == (800,)
 
 
+def scene_ground_truth(scenes: dict[str, list[tuple[int, int, int, int]]]) -> dict:
+    """A COCO dict of ``H x W`` scenes (ids 20, 19, ...: not in id order) whose objects are the rectangles,
+    category 7."""
+    images, annotations = [], []
+    for position, (name, rects) in enumerate(scenes.items()):
+        image_id = 20 - position
+        images.append({"id": image_id, "file_name": name, "height": H, "width": W})
+        for x1, y1, x2, y2 in rects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 7, "iscrowd": 0,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "thing"}]}
+
+
+def test_scene_level_evaluation_scores_each_cut_object_once(tmp_path: Path) -> None:
+    """``eval --tiled``: the merged predictions of whole scenes against their scene-level ground truth."""
+    from rsiseg.commands.predict_tiled import predict_coco_scenes
+    from rsiseg.evaluation.coco import evaluate_coco
+
+    write_scene(tmp_path / "a.tif")
+    write_scene(tmp_path / "b.tif", SMALL[:2])
+    coco = scene_ground_truth({"a.tif": RECTS, "b.tif": SMALL[:2]})
+    ap = {}
+    for policy in ("union", "suppress"):
+        results = predict_coco_scenes(fake_loaded(), coco, tmp_path, TileOptions(policy=policy), None, False)
+        assert [r["image_id"] for r in results] == sorted((r["image_id"] for r in results), reverse=True)  # JSON order
+        metrics = evaluate_coco(coco, results)
+        ap[policy] = (metrics["bbox"]["AP50"], metrics["segm"]["AP50"])
+        if policy == "union":
+            assert len(results) == len(RECTS) + 2
+            assert metrics["segm"]["AP"] > 0.9 and metrics["bbox"]["AP"] > 0.9
+    assert ap["union"] == (1.0, 1.0)
+    assert max(ap["suppress"]) < 1.0  # the objects cut in every tile come back in fragments
+
+    coco["images"][1]["width"] = W + 1
+    with pytest.raises(ValueError, match=r"b\.tif: the scene is 1400 x 1000 px but image 19"):
+        predict_coco_scenes(fake_loaded(), coco, tmp_path, TileOptions(), None, False)
+
+
 def test_geojson_and_gpkg_round_trip_crs_transform_and_area(tmp_path: Path) -> None:
     write_scene(tmp_path / "scene.tif")
     with RasterScene(tmp_path / "scene.tif") as scene:

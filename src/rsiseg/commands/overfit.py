@@ -118,6 +118,9 @@ def first_images(cfg: ExperimentConfig, task: Task, count: int, out: Path
         ValueError: the training data has fewer than ``count`` images.
     """
     data = cfg.data
+    if data.train_points:
+        raise ValueError("overfit scores the model against the training masks: data.train_points has points only; "
+                         "use a config with data.train_ann")
     if data.train_ann:
         if not data.train_images:
             raise ValueError("data.train_ann and data.train_images must be set to overfit")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from rsiseg.config import apply_overrides, load_config, to_dict
+from rsiseg.config import ConfigError, apply_overrides, config_from_dict, load_config, to_dict
 from rsiseg.evaluation.metrics import metric_value, percent
 from rsiseg.fileio import atomic_write
 
@@ -65,10 +65,17 @@ def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
     """Refuse to reuse a finished run whose stored ``config.yaml`` differs from ``cfg`` (a changed default,
     config or override would otherwise mix two settings in one table).
 
+    A key that rsiseg added after the run was trained is absent from its stored config; it counts as the
+    default the run had in effect, so the run is still reused when ``cfg`` keeps that default.
+
     Raises:
         ValueError: naming the first differing key and both values.
     """
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:  # through today's loader: later keys get their defaults; every stored key keeps its stored value
+        stored = yaml.safe_load(yaml.safe_dump(to_dict(config_from_dict(stored, source=str(run_dir / "config.yaml")))))
+    except ConfigError:  # a key since removed or a value since refused: compared as stored
+        pass
     wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # through YAML, as the run stored it
     difference = _first_difference(stored, wanted)
     if difference is not None:

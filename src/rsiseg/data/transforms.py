@@ -2,28 +2,42 @@
 
 Geometric steps (resizing, flips, 90-degree rotations) change the image and the
 :class:`~rsiseg.masks.InstanceMasks` together: the masks move as polygons or small crops, never as
-N full-size rasters, which is what keeps dense scenes (thousands of instances) cheap. Photometric
-steps touch only the image and stay in albumentations. Every draw comes from one per-sample seed,
-so runs and resumed runs see the same augmentations.
+N full-size rasters, which is what keeps dense scenes (thousands of instances) cheap. The point
+labels of the prompted task (:class:`~rsiseg.data.point_labels.PointSet`) move through the same steps.
+Photometric steps touch only the image and stay in albumentations. Every draw comes from one
+per-sample seed, so runs and resumed runs see the same augmentations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import albumentations as A
 import cv2
 import numpy as np
 
 from rsiseg.config import DataConfig
-from rsiseg.masks import InstanceMasks
-
-Sample = tuple[np.ndarray, InstanceMasks]  # float32 [H, W, C] in [0, 1], masks of that image
-GeometricStep = Callable[[np.ndarray, InstanceMasks, np.random.Generator], Sample]
 
 
-def rescale_sample(image: np.ndarray, masks: InstanceMasks, scale: float) -> Sample:
+class Geometry(Protocol):
+    """What moves with the image: :class:`~rsiseg.masks.InstanceMasks`, or a point set."""
+
+    def hflip(self) -> Geometry: ...
+
+    def vflip(self) -> Geometry: ...
+
+    def rot90(self, k: int = 1) -> Geometry: ...
+
+    def resize(self, height: int, width: int) -> Geometry: ...
+
+
+Sample = tuple[np.ndarray, Geometry]  # float32 [H, W, C] in [0, 1], the masks (or points) of that image
+GeometricStep = Callable[[np.ndarray, Geometry, np.random.Generator], Sample]
+
+
+def rescale_sample(image: np.ndarray, masks: Geometry, scale: float) -> Sample:
     """Rescale the image (bilinear, per band) and its masks by ``scale``, keeping the aspect ratio."""
     h, w = image.shape[:2]
     height, width = max(1, round(h * scale)), max(1, round(w * scale))
@@ -39,7 +53,7 @@ class LongestMaxSize:
 
     max_size: int
 
-    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: np.ndarray, masks: Geometry, rng: np.random.Generator) -> Sample:
         return rescale_sample(image, masks, self.max_size / max(image.shape[:2]))
 
 
@@ -50,7 +64,7 @@ class RandomScale:
     low: float
     high: float
 
-    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: np.ndarray, masks: Geometry, rng: np.random.Generator) -> Sample:
         return rescale_sample(image, masks, rng.uniform(self.low, self.high))
 
 
@@ -61,7 +75,7 @@ class RandomFlip:
     axis: int
     p: float
 
-    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: np.ndarray, masks: Geometry, rng: np.random.Generator) -> Sample:
         if rng.random() >= self.p:
             return image, masks
         return np.flip(image, self.axis), masks.hflip() if self.axis == 1 else masks.vflip()
@@ -73,7 +87,7 @@ class RandomRotate90:
 
     p: float
 
-    def __call__(self, image: np.ndarray, masks: InstanceMasks, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: np.ndarray, masks: Geometry, rng: np.random.Generator) -> Sample:
         if rng.random() >= self.p:
             return image, masks
         k = int(rng.integers(0, 4))
@@ -91,12 +105,12 @@ class TrainTransforms:
     def __init__(self, geometric: list[GeometricStep], photometric: A.Compose | None) -> None:
         self.geometric, self.photometric = geometric, photometric
 
-    def __call__(self, image: np.ndarray, masks: InstanceMasks, seed: int) -> Sample:
+    def __call__(self, image: np.ndarray, masks: Geometry, seed: int) -> Sample:
         """Augment one sample.
 
         Args:
             image: ``float32 [H, W, C]`` in [0, 1].
-            masks: the image's instance masks.
+            masks: the image's instance masks, or its point set (anything :class:`Geometry`).
             seed: derived from (experiment seed, epoch, sample index) by the caller.
 
         Returns:

@@ -40,11 +40,15 @@ class InstanceTask:
         if found != cfg.model.num_classes:
             raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {train.index.ann_file} "
                              f"has {found} categories ({', '.join(train.class_names)})")
-        val = None
-        if data.val_ann:
-            val = CocoInstanceDataset(data.val_ann, data.val_images or data.train_images, in_channels=channels,
-                                      repair=data.repair)
-        return train, val
+        return train, self.val_dataset(cfg)
+
+    def val_dataset(self, cfg: ExperimentConfig) -> CocoInstanceDataset | None:
+        """``data.val_ann``'s images (in ``data.val_images``, else ``data.train_images``), or None."""
+        data = cfg.data
+        if not data.val_ann:
+            return None
+        return CocoInstanceDataset(data.val_ann, data.val_images or data.train_images,
+                                   in_channels=cfg.model.in_channels, repair=data.repair)
 
     def evaluate(self, model: nn.Module, dataset: CocoInstanceDataset, cfg: ExperimentConfig, device: torch.device,
                  num_workers: int = 0, progress: bool = True, dist: Distributed | None = None) -> dict[str, Any]:

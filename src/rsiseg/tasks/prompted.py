@@ -1,7 +1,9 @@
 """The ``prompted`` task: every instance prompted by one point; mask IoU, mask AP and point-to-box AP out.
 
 Training data are COCO instances whose targets carry one point per instance
-(:class:`~rsiseg.data.point_prompts.PointPromptDataset`). Evaluation prompts every non-crowd
+(:class:`~rsiseg.data.point_prompts.PointPromptDataset`), or, for the point-only modes, the images and
+points of a point file (``data.train_points``, :class:`~rsiseg.data.point_labels.PointLabelDataset`).
+Evaluation prompts every non-crowd
 ground-truth instance of the validation set with its point (the ``center`` rule unless
 ``data.instance_points`` says otherwise), encodes each image once, and scores the answers with
 :func:`~rsiseg.evaluation.prompt_metrics.prompted_metrics`: mIoU over instances, COCO mask AP (the
@@ -21,7 +23,9 @@ from tqdm import tqdm
 from rsiseg.config import ExperimentConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.data.loader import collate
+from rsiseg.data.point_labels import PointLabelDataset
 from rsiseg.data.point_prompts import PointPromptDataset
+from rsiseg.data.transforms import build_train_transforms
 from rsiseg.engine.distributed import Distributed, gather_sorted
 from rsiseg.evaluation.coco import PRESETS
 from rsiseg.evaluation.prompt_metrics import format_prompt_metrics, prompt_stat_names, prompted_metrics
@@ -29,20 +33,29 @@ from rsiseg.models.sam.model import PROMPT_CHUNK
 from rsiseg.structures import mask_to_rle
 from rsiseg.tasks.instance import InstanceTask
 
+TrainSet = PointPromptDataset | PointLabelDataset
+
 
 class PromptedTask:
-    """Point-prompted instance segmentation over COCO JSON files (``data.train_ann``/``data.val_ann``)."""
+    """Point-prompted instance segmentation over COCO JSON files (``data.train_ann``/``data.val_ann``), or a
+    point file for training (``data.train_points``)."""
 
     name = "prompted"
 
     def metric_names(self, cfg: ExperimentConfig) -> list[str]:
         return prompt_stat_names(cfg.eval.max_dets or PRESETS[cfg.eval.preset].max_dets)
 
-    def build_datasets(self, cfg: ExperimentConfig) -> tuple[PointPromptDataset, PointPromptDataset | None]:
-        """The instance task's datasets (its checks and training-image filters) with a point per instance."""
-        train, val = InstanceTask().build_datasets(cfg)
+    def build_datasets(self, cfg: ExperimentConfig) -> tuple[TrainSet, PointPromptDataset | None]:
+        """The instance task's datasets (its checks and training-image filters) with a point per instance; or
+        with ``data.train_points``, that file's points on ``data.train_images`` for training."""
         rule, seed = cfg.data.instance_points, cfg.train.seed
-        return PointPromptDataset(train, rule, seed), PointPromptDataset(val, rule, seed) if val is not None else None
+        if cfg.data.train_points:
+            val = InstanceTask().val_dataset(cfg)
+            train: TrainSet = point_label_dataset(cfg, val)
+        else:
+            base, val = InstanceTask().build_datasets(cfg)
+            train = PointPromptDataset(base, rule, seed)
+        return train, PointPromptDataset(val, rule, seed) if val is not None else None
 
     def dataset(self, cfg: ExperimentConfig, ann: str, images: str) -> PointPromptDataset:
         """An evaluation dataset (no augmentation) of ``ann`` read as ``cfg`` says."""
@@ -72,8 +85,25 @@ class PromptedTask:
     def format_metrics(self, metrics: dict[str, Any]) -> str:
         return format_prompt_metrics(metrics)
 
-    def class_record(self, dataset: PointPromptDataset) -> dict[str, list]:
+    def class_record(self, dataset: TrainSet) -> dict[str, list]:
         return {"names": dataset.class_names, "category_ids": dataset.label_to_category}
+
+
+def point_label_dataset(cfg: ExperimentConfig, val: CocoInstanceDataset | None) -> PointLabelDataset:
+    """``data.train_points`` on ``data.train_images``, with the classes (and category ids) of the validation
+    file when there is one."""
+    data, model = cfg.data, cfg.model
+    if not data.train_images:
+        raise ValueError("data.train_points needs data.train_images, the folder of the images it names")
+    if val is not None and len(val.class_names) != model.num_classes:
+        raise ValueError(f"model.num_classes is {model.num_classes} but {val.index.ann_file} has "
+                         f"{len(val.class_names)} categories ({', '.join(val.class_names)})")
+    train = PointLabelDataset(data.train_points, data.train_images, val.class_names if val else None,
+                              model.num_classes, model.in_channels, build_train_transforms(data, model.in_channels),
+                              cfg.train.seed)
+    if val is not None:
+        train.label_to_category = val.label_to_category
+    return train
 
 
 @torch.no_grad()
@@ -95,7 +125,7 @@ def answer_dataset(model: nn.Module, dataset: PointPromptDataset, batch_size: in
     results: list[dict[str, Any]] = []
     positions = iter(indices)
     for images, targets in tqdm(loader, desc="prompted eval", disable=not progress, leave=False):
-        encoded = model.encode([image.to(device) for image in images])  # once per image, for all its prompts
+        encoded = model.encode([image.to(device) for image in images], cache=True)  # once, for all its prompts
         for i, target in enumerate(targets):
             ids = dataset.annotation_ids(next(positions))
             if len(ids) != len(target["points"]):

@@ -17,6 +17,8 @@ supervised mode, ``masks``) returns ``loss_focal``, ``loss_dice``, ``loss_iou`` 
   (:mod:`rsiseg.models.sam.pseudo_labels`).
 
 Each image is encoded once per step (and once by the teacher); every prompt of the image reuses it.
+With a frozen encoder, ``model.sam.embedding_cache`` keeps the embeddings of the views that recur on
+disk (:mod:`rsiseg.models.sam.embedding_cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 
 from rsiseg.config import SamConfig
 from rsiseg.models.layers.lora import add_lora
+from rsiseg.models.sam.embedding_cache import EmbeddingCache
 from rsiseg.models.sam.losses import dice_loss, focal_loss, sam_losses
 from rsiseg.models.sam.prototypes import PrototypeBank, masked_average_pool, prototype_loss
 from rsiseg.models.sam.pseudo_labels import teacher_pseudo_masks
@@ -99,6 +102,11 @@ class PointSam(nn.Module):
             self.teacher = _ema_copy(sam)
         if options.mode == "pointsam" and options.prototype_weight > 0:
             self.bank = PrototypeBank(sam.prompt_encoder.embed_dim, options.prototype_bank, options.num_prototypes)
+        self.cache: EmbeddingCache | None = None
+        if options.embedding_cache:
+            self.cache = EmbeddingCache(options.embedding_cache, sam.image_encoder, (image_mean, image_std),
+                                        self.image_size)
+            sam.image_encoder.register_load_state_dict_post_hook(self.cache.forget_fingerprint)
 
     @property
     def image_size(self) -> int:
@@ -130,12 +138,31 @@ class PointSam(nn.Module):
         normed = (resized - self.image_mean) / self.image_std
         return F.pad(normed, (0, self.image_size - size[1], 0, self.image_size - size[0])), scale
 
-    def encode(self, images: Sequence[Tensor], encoder: Sam | None = None) -> Encoded:
-        """Encode ``images`` (each ``[C, H, W]`` in [0, 1]) with ``encoder`` (default the student)."""
+    def encode(self, images: Sequence[Tensor], encoder: Sam | None = None, cache: bool = False) -> Encoded:
+        """Encode ``images`` (each ``[C, H, W]`` in [0, 1]) with ``encoder`` (default the student); ``cache``:
+        through the embedding cache, when there is one (views that recur: not the strong views)."""
         prepared = [self.prepare(image) for image in images]
-        batch = torch.stack([x for x, _ in prepared])
-        embeddings = (encoder or self.sam).image_encoder(batch)
+        image_encoder = (encoder or self.sam).image_encoder
+        if cache and self.cache is not None and image_encoder is self.cache.encoder:
+            embeddings = self._cached_embeddings(images, [x for x, _ in prepared])
+        else:
+            embeddings = image_encoder(torch.stack([x for x, _ in prepared]))
         return Encoded(embeddings, [s for _, s in prepared], [tuple(i.shape[-2:]) for i in images])
+
+    def _cached_embeddings(self, images: Sequence[Tensor], frames: list[Tensor]) -> Tensor:
+        """``[B, D, e, e]`` embeddings read from the cache, the missing ones encoded and stored."""
+        assert self.cache is not None
+        keys = [self.cache.key(image) for image in images]
+        found = [self.cache.read(key, frames[0].device) for key in keys]
+        missing = [i for i, embedding in enumerate(found) if embedding is None]
+        if missing:
+            fresh = self.cache.encoder(torch.stack([frames[i] for i in missing]))
+            for i, embedding in zip(missing, fresh):
+                self.cache.write(keys[i], embedding)
+                found[i] = embedding.half()
+        self.cache.hits += len(images) - len(missing)
+        self.cache.misses += len(missing)
+        return torch.stack(found).to(frames[0].dtype)  # through float16 either way: the same numbers, cold or warm
 
     def decode(self, embedding: Tensor, points: Tensor | None, point_labels: Tensor | None, boxes: Tensor | None = None,
                multimask: bool = False, model: Sam | None = None) -> tuple[Tensor, Tensor]:
@@ -236,7 +263,7 @@ class PointSam(nn.Module):
         self.steps += 1
         picks = [self._pick(t) for t in targets]
         if self.options.mode == "supervised":
-            encoded = self.encode(images)
+            encoded = self.encode(images, cache=True)
             goals = [self._mask_targets(t, keep, s, size) for t, keep, s, size
                      in zip(targets, picks, encoded.scales, encoded.sizes)]
             weights = [g.new_ones(len(g)) for g in goals]
@@ -290,9 +317,10 @@ class PointSam(nn.Module):
                 boxed = torch.rand(len(keep)) < self.options.box_prompts
             out = torch.empty((len(keep), self.low_res, self.low_res), device=goal.device)
             iou = torch.empty(len(keep), device=goal.device)
-            parts = [(~boxed, self._points(target, keep, scale)[:, None], None),
-                     (boxed, None, to_sam_coordinates(target["boxes"][keep.to(target["boxes"].device)].float(),
-                                                      scale))]
+            parts = [(~boxed, self._points(target, keep, scale)[:, None], None)]
+            if boxed.any():  # (point-file targets have no boxes; they train no supervised mode)
+                parts.append((boxed, None, to_sam_coordinates(
+                    target["boxes"][keep.to(target["boxes"].device)].float(), scale)))
             for rows, coords, boxes in parts:
                 if rows.any():
                     rows = rows.to(goal.device)
@@ -330,7 +358,7 @@ class PointSam(nn.Module):
         neighbour, not only the instances picked this step."""
         assert self.teacher is not None
         with torch.no_grad():
-            encoded = self.encode(images, encoder=self.teacher)
+            encoded = self.encode(images, encoder=self.teacher, cache=True)
             goals, weights = [], []
             for i, (target, keep) in enumerate(zip(targets, picks)):
                 every = torch.arange(len(target["points"]))
