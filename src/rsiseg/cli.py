@@ -40,6 +40,13 @@ DATA_COMMANDS = [
      "Cut scenes into size x size patches with the given overlap (stride = size - overlap; the last patch of a "
      "row or column ends flush with the border; small images stay whole). Patch names and image entries record "
      "the offsets (Pxxxx_y1_y2_x1_x2). Instances are clipped at patch borders."),
+    ("split_semantic", "cut image tiles and their label maps into patches, train/val by tile (ISPRS Potsdam)",
+     "Pair the images and label maps by name (top_potsdam_2_10_RGB.tif with top_potsdam_2_10_label.tif), cut each "
+     "pair into size x size patches (the last of a row or column flush with the border) and write "
+     "OUT/{train,val}/images/Image_<tile>_<y>_<x>.tif (every band, the stored dtype) and "
+     "OUT/{train,val}/labels/Label_<tile>_<y>_<x>.png (the label's own values: RGB palette or class indices). "
+     "Whole tiles go to one split: --val-fraction of them by a seeded draw, or --val-tiles by name. Writes "
+     "OUT/split.json; copies the labels' classes.json. The report's Potsdam patches: --size 300."),
     ("merge", "turn patch-level predictions back into scene coordinates",
      "Shift patch predictions (COCO results on the patch ids of a `data split` output) into their scenes, fuse "
      "same-class instances cut by a patch border, and suppress duplicates from overlapping patches by mask IoU / "
