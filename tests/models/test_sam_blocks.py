@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from rsiseg.models.sam.calibration import exclusive_masks, negative_prompts, ove
 from rsiseg.models.sam.losses import dice_loss, focal_loss, mask_iou, sam_losses
 from rsiseg.models.sam.prototypes import (
     PrototypeBank,
+    gather_rows,
     hungarian_match,
     masked_average_pool,
     prototype_loss,
     spherical_kmeans,
 )
+from tests.engine.ddp_launch import rank_environment, spawn_ranks
 
 EMBED, DEPTH, RANK = 32, 2, 4
 
@@ -177,6 +180,28 @@ def test_prototype_bank_wraps_around_and_round_trips() -> None:
     restored.load_state_dict(bank.state_dict())
     assert torch.equal(restored.bank, bank.bank) and torch.equal(restored.targets(), bank.targets())
     assert int(restored.count) == 11
+    assert gather_rows(bank.bank) is bank.bank  # outside a distributed run: the rows themselves
+
+
+def _gather_rank(rank: int, world: int, port: int, results: str) -> None:
+    """Rank r holds r rows of value r (rank 0 none); every rank pushes what :func:`gather_rows` returns."""
+    rank_environment(rank, world, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        bank = PrototypeBank(dim=2, size=8, k=2)
+        bank.push(gather_rows(torch.full((rank, 2), float(rank))))
+        bank.recluster(seed=0)
+        torch.save(bank.state_dict(), Path(results) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_pushes_every_ranks_prototypes(tmp_path: Path) -> None:
+    assert spawn_ranks(_gather_rank, 3, str(tmp_path)) == [0, 0, 0]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert int(states[0]["count"]) == 3 and states[0]["bank"][:3, 0].tolist() == [1.0, 2.0, 2.0]
+    for state in states[1:]:
+        assert all(torch.equal(state[key], states[0][key]) for key in state)  # the banks and centres agree
 
 
 # --- negative prompt calibration ----------------------------------------------------------------

@@ -37,7 +37,7 @@ from rsiseg.config import SamConfig
 from rsiseg.models.layers.lora import add_lora
 from rsiseg.models.sam.embedding_cache import EmbeddingCache
 from rsiseg.models.sam.losses import dice_loss, focal_loss, sam_losses
-from rsiseg.models.sam.prototypes import PrototypeBank, masked_average_pool, prototype_loss
+from rsiseg.models.sam.prototypes import PrototypeBank, gather_rows, masked_average_pool, prototype_loss
 from rsiseg.models.sam.pseudo_labels import teacher_pseudo_masks
 from rsiseg.models.sam.views import strong_view
 from rsiseg.structures import masks_to_boxes
@@ -359,7 +359,7 @@ class PointSam(nn.Module):
         assert self.teacher is not None
         with torch.no_grad():
             encoded = self.encode(images, encoder=self.teacher, cache=True)
-            goals, weights = [], []
+            goals, weights, protos = [], [], []
             for i, (target, keep) in enumerate(zip(targets, picks)):
                 every = torch.arange(len(target["points"]))
                 masks, iou = teacher_pseudo_masks(self, encoded.embeddings[i:i + 1],
@@ -368,10 +368,13 @@ class PointSam(nn.Module):
                 goals.append(masks)
                 weights.append((iou[keep.to(iou.device)] >= self.options.confidence).float())
                 if self.bank is not None and len(masks):
-                    protos, valid = masked_average_pool(encoded.embeddings[i:i + 1], masks,
+                    pooled, valid = masked_average_pool(encoded.embeddings[i:i + 1], masks,
                                                         torch.zeros(len(masks), dtype=torch.int64,
                                                                     device=masks.device))
-                    self.bank.push(protos[valid & (weights[-1] > 0)])
+                    protos.append(pooled[valid & (weights[-1] > 0)])
+            if self.bank is not None:  # every rank pushes every rank's prototypes: the banks stay equal
+                dim = self.bank.dim
+                self.bank.push(gather_rows(torch.cat(protos) if protos else encoded.embeddings.new_zeros((0, dim))))
         return goals, weights
 
     def _clear_padding(self, masks: Tensor, scale: float, size: tuple[int, int]) -> Tensor:

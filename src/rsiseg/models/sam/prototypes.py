@@ -13,6 +13,7 @@ Everything here is independent of SAM itself: features ``[B, C, h, w]`` and mask
 from __future__ import annotations
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -170,6 +171,25 @@ def prototype_loss(pred: Tensor, targets: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(pred[pred_index].float(), matched, dim=1)).mean()
 
 
+def gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's ``rows`` ``[N_r, dim]`` (any ``N_r``, 0 too), concatenated in rank order, on every rank;
+    ``rows`` itself outside a distributed run. Every rank must call it at the same point of the step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return rows
+    count = torch.tensor([len(rows)], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    most = int(max(int(c) for c in counts))
+    padded = rows.new_zeros((most, *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)])
+
+
 class PrototypeBank(nn.Module):
     """Ring buffer of recent target prototypes and their cluster centres, all kept as buffers.
 
@@ -179,9 +199,9 @@ class PrototypeBank(nn.Module):
         ``centres`` ``[k, dim]`` float32 unit-norm: the last clustering (rows past ``num_centres`` are 0).
         ``num_centres`` int64 scalar: centres from the last :meth:`recluster` (0 until the first).
 
-    Under DistributedDataParallel with ``broadcast_buffers=True`` (its default) every forward copies
-    rank 0's buffers to the other ranks, so the bank effectively holds rank 0's prototypes: what the
-    other ranks push is overwritten at their next forward (a known limit: gather before pushing to fix it).
+    Under DistributedDataParallel every rank pushes the prototypes of every rank's images
+    (:func:`gather_rows`, in rank order) and reclusters with the same seed, so the banks of all ranks
+    stay equal (DDP's buffer broadcast from rank 0 then changes nothing).
 
     Args:
         dim: C of the prototypes.
