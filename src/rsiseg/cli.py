@@ -44,9 +44,10 @@ DATA_COMMANDS = [
      "Pair the images and label maps by name (top_potsdam_2_10_RGB.tif with top_potsdam_2_10_label.tif), cut each "
      "pair into size x size patches (the last of a row or column flush with the border) and write "
      "OUT/{train,val}/images/Image_<tile>_<y>_<x>.tif (every band, the stored dtype) and "
-     "OUT/{train,val}/labels/Label_<tile>_<y>_<x>.png (the label's own values: RGB palette or class indices). "
-     "Whole tiles go to one split: --val-fraction of them by a seeded draw, or --val-tiles by name. Writes "
-     "OUT/split.json; copies the labels' classes.json. The report's Potsdam patches: --size 300."),
+     "OUT/{train,val}/labels/Label_<tile>_<y>_<x>.png (checked as training reads them; --label-format "
+     "potsdam_rgb keeps the ISPRS colours, index writes uint8 indices). Whole tiles go to one split: "
+     "--val-fraction of them by a seeded draw, or --val-tiles by name. Writes OUT/split.json and "
+     "OUT/classes.json. The report's Potsdam patches: --size 300 --label-format potsdam_rgb."),
     ("merge", "turn patch-level predictions back into scene coordinates",
      "Shift patch predictions (COCO results on the patch ids of a `data split` output) into their scenes, fuse "
      "same-class instances cut by a patch border, and suppress duplicates from overlapping patches by mask IoU / "

@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int_in_range(1), default=300, help="patch side in pixels (default 300)")
     parser.add_argument("--overlap", type=int_in_range(0), default=0,
                         help="pixels shared by neighbouring patches (default 0)")
+    parser.add_argument("--label-format", choices=["index", "potsdam_rgb"], default="index",
+                        help="the labels: uint8 class indices (default), or the ISPRS RGB colours (Potsdam)")
+    parser.add_argument("--skip-unlabelled", action="store_true",
+                        help="leave out (and count) the images without a label map instead of refusing them")
     val = parser.add_mutually_exclusive_group()
     val.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                      help="share of the tiles for val, drawn with --seed (default 0.2)")
@@ -30,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     named = [k.strip() for k in args.val_tiles.split(",") if k.strip()] if args.val_tiles else None
     summary = split_semantic(args.images, args.labels, args.out, size=args.size, overlap=args.overlap,
-                             val_fraction=args.val_fraction, val_tiles=named, seed=args.seed,
-                             progress=not args.quiet)
-    print(json.dumps({s: {"tiles": len(summary[s]["tiles"]), "patches": summary[s]["patches"]}
-                      for s in ("train", "val")}, indent=2))
+                             label_format=args.label_format, val_fraction=args.val_fraction, val_tiles=named,
+                             seed=args.seed, skip_unlabelled=args.skip_unlabelled, progress=not args.quiet)
+    print(json.dumps({**{s: {"tiles": len(summary[s]["tiles"]), "patches": summary[s]["patches"]}
+                         for s in ("train", "val")}, "unlabelled_skipped": len(summary["unlabelled_skipped"])},
+                     indent=2))
     return 0

@@ -4,16 +4,17 @@ With ``model.sam.trainable: decoder`` nothing in the image encoder trains, so an
 to the same embedding; encoding is by far the most expensive part of SAM (ViT-B: about 16 s per image
 on a 2-core CPU). ``model.sam.embedding_cache: DIR`` stores each embedding, float16, in
 ``DIR/<key>.pt``, where the key hashes the image's bytes and shape and the encoder's *fingerprint*
-(every weight and buffer of the encoder, the input normalisation, the input side and torch's version). A view seen
-again (the same image under the same flips, the teacher's pass of a later epoch, every evaluation) is
+(every weight and buffer of the encoder, the input normalisation, the input side and torch's version).
+A view seen again (the same image under the same flips, the teacher's pass of a later epoch, every evaluation) is
 read instead of encoded. Embeddings are always returned through float16, hit or miss, so a run gives
 the same numbers whether the cache is cold or warm.
 
 The caller chooses what is cached: the teacher's views, the images of supervised training and of
 evaluation; not the student's strongly augmented views (random noise, never seen again), and not the
 answers of ``predict``/``prompt``/``info`` (new images, or timings that must include the encoder). The
-config refuses the cache where no training view would recur (colour jitter, random rescaling). The fingerprint is computed at the first use and again after any
-``load_state_dict`` (resume, evaluation of a checkpoint), so changed weights never read old files.
+config refuses the cache where no training view would recur (colour jitter, random rescaling). The
+fingerprint is computed at the first use and again after any ``load_state_dict`` (resume, evaluation
+of a checkpoint), so changed weights never read old files.
 """
 
 from __future__ import annotations

@@ -183,6 +183,8 @@ def gather_rows(rows: Tensor) -> Tensor:
     counts = [torch.zeros_like(count) for _ in range(world)]
     torch.distributed.all_gather(counts, count)
     most = int(max(int(c) for c in counts))
+    if most == 0:  # every rank agrees: nothing to gather
+        return rows
     padded = rows.new_zeros((most, *rows.shape[1:]))
     padded[: len(rows)] = rows
     parts = [torch.zeros_like(padded) for _ in range(world)]
