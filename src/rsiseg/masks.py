@@ -57,6 +57,22 @@ Instance = Polygons | Bitmap
 _EMPTY = Bitmap(np.zeros((0, 0), np.uint8), 0, 0)
 
 
+def hflip_xy(xy: np.ndarray, width: float) -> np.ndarray:
+    """``float [N, 2]`` (x, y) points of a ``width`` px wide image mirrored left-right, as ``image[:, ::-1]``."""
+    return np.stack([width - xy[:, 0], xy[:, 1]], 1)
+
+
+def vflip_xy(xy: np.ndarray, height: float) -> np.ndarray:
+    """``float [N, 2]`` (x, y) points of a ``height`` px high image mirrored top-bottom, as ``image[::-1]``."""
+    return np.stack([xy[:, 0], height - xy[:, 1]], 1)
+
+
+def rot90_xy(xy: np.ndarray, width: float) -> np.ndarray:
+    """``float [N, 2]`` (x, y) points of a ``width`` px wide image after one ``np.rot90`` (a counter-clockwise
+    quarter turn: the new image is ``width`` px high)."""
+    return np.stack([xy[:, 1], width - xy[:, 0]], 1)
+
+
 class InstanceMasks:
     """The instance masks of one ``H x W`` image, stored compactly.
 
@@ -147,13 +163,13 @@ class InstanceMasks:
 
     def hflip(self) -> InstanceMasks:
         """Mirror left-right, as ``image[:, ::-1]``."""
-        return self._map(lambda xy: np.stack([self.width - xy[:, 0], xy[:, 1]], 1),
+        return self._map(lambda xy: hflip_xy(xy, self.width),
                          lambda b: Bitmap(b.mask[:, ::-1].copy(), self.width - b.x0 - b.mask.shape[1], b.y0),
                          self.height, self.width)
 
     def vflip(self) -> InstanceMasks:
         """Mirror top-bottom, as ``image[::-1]``."""
-        return self._map(lambda xy: np.stack([xy[:, 0], self.height - xy[:, 1]], 1),
+        return self._map(lambda xy: vflip_xy(xy, self.height),
                          lambda b: Bitmap(b.mask[::-1].copy(), b.x0, self.height - b.y0 - b.mask.shape[0]),
                          self.height, self.width)
 
@@ -162,7 +178,7 @@ class InstanceMasks:
         out = self
         for _ in range(k % 4):
             w = out.width
-            out = out._map(lambda xy: np.stack([xy[:, 1], w - xy[:, 0]], 1),
+            out = out._map(lambda xy: rot90_xy(xy, w),
                            lambda b: Bitmap(np.rot90(b.mask).copy(), b.y0, w - b.x0 - b.mask.shape[1]),
                            out.width, out.height)
         return out

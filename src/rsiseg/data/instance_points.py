@@ -196,6 +196,12 @@ def write_points_json(data: dict[str, Any], path: str | Path) -> Path:
 
 
 def read_instance_points(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, InstancePointSet]:
+    """The points of :func:`read_point_file`, without the categories."""
+    return read_point_file(path, class_names)[0]
+
+
+def read_point_file(path: str | Path, class_names: Sequence[str] | None = None,
+                    ) -> tuple[dict[str, InstancePointSet], list[dict[str, Any]] | None]:
     """Read instance points: a points JSON (a JSON object with ``points``), a CSV or a GeoJSON file.
 
     Args:
@@ -206,8 +212,8 @@ def read_instance_points(path: str | Path, class_names: Sequence[str] | None = N
 
     Returns:
         ``{image file name (folders dropped): (float64 [P, 2] (x, y) pixels, int64 [P] labels 1..K)}``,
-        points in file order. Every image of a points JSON has an entry, possibly empty; CSV and
-        GeoJSON list only the images named.
+        points in file order, and the points JSON's ``categories`` (None for CSV and GeoJSON). Every
+        image of a points JSON has an entry, possibly empty; CSV and GeoJSON list only the images named.
 
     Raises:
         DataError: an unreadable file, or an entry with a missing or bad field (a non-number,
@@ -218,17 +224,17 @@ def read_instance_points(path: str | Path, class_names: Sequence[str] | None = N
     if not path.is_file():
         raise DataError(f"{path}: point file not found")
     if path.suffix.lower() == ".csv":
-        return _from_rows(path, csv_point_rows(path), class_names)
+        return _from_rows(path, csv_point_rows(path), class_names), None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a readable points JSON or GeoJSON file ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and "points" in data:
-        return _from_points_json(path, data, class_names)
+        return _from_points_json(path, data, class_names), data["categories"]
     if not isinstance(data, dict) or "features" not in data:
         raise DataError(f"{path}: expected a points JSON (an object with 'points') or a GeoJSON "
                         f"FeatureCollection (an object with 'features')")
-    return _from_rows(path, geojson_point_rows(path), class_names)
+    return _from_rows(path, geojson_point_rows(path), class_names), None
 
 
 def _from_rows(path: Path, rows: list[PointRow], class_names: Sequence[str] | None) -> dict[str, InstancePointSet]:

@@ -16,7 +16,6 @@ every step takes a pixel's centre to the centre of the pixel it moves to.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 
 from rsiseg.data.coco_index import DataError
-from rsiseg.data.instance_points import read_instance_points
+from rsiseg.data.instance_points import read_point_file
 from rsiseg.data.io import ImageReadError, image_size, match_bands, read_image, to_unit_float
 from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.transforms import TrainTransforms
+from rsiseg.masks import hflip_xy, rot90_xy, vflip_xy
 
 
 class PointSet:
@@ -43,17 +43,17 @@ class PointSet:
 
     def hflip(self) -> PointSet:
         """Mirror left-right, as ``image[:, ::-1]``."""
-        return PointSet(np.stack([self.width - self.xy[:, 0], self.xy[:, 1]], 1), self.height, self.width)
+        return PointSet(hflip_xy(self.xy, self.width), self.height, self.width)
 
     def vflip(self) -> PointSet:
         """Mirror top-bottom, as ``image[::-1]``."""
-        return PointSet(np.stack([self.xy[:, 0], self.height - self.xy[:, 1]], 1), self.height, self.width)
+        return PointSet(vflip_xy(self.xy, self.height), self.height, self.width)
 
     def rot90(self, k: int = 1) -> PointSet:
         """Rotate by ``k`` quarter turns counter-clockwise, as ``np.rot90(image, k)``; H and W swap for odd k."""
         out = self
         for _ in range(k % 4):
-            out = PointSet(np.stack([out.xy[:, 1], out.width - out.xy[:, 0]], 1), out.width, out.height)
+            out = PointSet(rot90_xy(out.xy, out.width), out.width, out.height)
         return out
 
     def resize(self, height: int, width: int) -> PointSet:
@@ -69,7 +69,7 @@ class PointLabelDataset:
     pixels), ``labels`` int64 ``[N]`` (1..K) and ``image_id`` (the item's index + 1).
 
     Args:
-        points_file: a points JSON, CSV or GeoJSON file (:func:`read_instance_points`).
+        points_file: a points JSON, CSV or GeoJSON file (:func:`read_point_file`).
         image_dir: the folder of the images, found by file name.
         class_names: the K classes in label order; the file's class names map to them. None: a points
             JSON's categories give the classes (names, ids, labels in file order); CSV/GeoJSON classes are
@@ -88,10 +88,10 @@ class PointLabelDataset:
                  num_classes: int, in_channels: int = 3, transforms: TrainTransforms | None = None,
                  seed: int = 0) -> None:
         self.points_file, self.image_dir = Path(points_file), Path(image_dir)
-        found = read_instance_points(self.points_file, class_names)
+        found, file_categories = read_point_file(self.points_file, class_names)
         pointless = [name for name, (xy, _) in found.items() if len(xy) == 0]
         self.entries = [(name, xy, labels) for name, (xy, labels) in found.items() if len(xy)]
-        categories = _points_json_categories(self.points_file) if class_names is None else None
+        categories = file_categories if class_names is None else None
         self.class_names = (list(class_names) if class_names else [c["name"] for c in categories] if categories
                             else [f"class_{k}" for k in range(1, num_classes + 1)])
         self.label_to_category = [c["id"] for c in categories] if categories else list(range(1, num_classes + 1))
@@ -150,11 +150,3 @@ class PointLabelDataset:
             image, points = self.transforms(image, points, zlib.crc32(f"{self.seed}/{epoch}/{idx}".encode()))
         return to_chw_tensor(image), {"points": torch.from_numpy(points.xy).float(),
                                       "labels": torch.from_numpy(labels).long(), "image_id": torch.tensor(idx + 1)}
-
-
-def _points_json_categories(path: Path) -> list[dict[str, Any]] | None:
-    """The ``categories`` of a points JSON (already checked by the reader); None for CSV and GeoJSON."""
-    if path.suffix.lower() == ".csv":
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data["categories"] if isinstance(data, dict) and "points" in data else None

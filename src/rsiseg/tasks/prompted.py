@@ -77,7 +77,8 @@ class PromptedTask:
         order = {ann["id"]: i for i, ann in enumerate(dataset.index.to_coco()["annotations"])}
         return gather_sorted(dist, results, key=lambda r: order[r["annotation_id"]], what="gathering the answers")
 
-    def score(self, dataset: PointPromptDataset, results: list[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
+    def score(self, dataset: PointPromptDataset, results: list[dict[str, Any]],
+              cfg: ExperimentConfig) -> dict[str, Any]:
         """The prompted metrics of ``results`` against ``dataset``'s checked ground truth."""
         max_dets = tuple(cfg.eval.max_dets) if cfg.eval.max_dets else None
         return prompted_metrics(dataset.index.to_coco(), results, cfg.eval.preset, max_dets)

@@ -222,7 +222,8 @@ class PointSam(nn.Module):
                 frame_boxes[part] if frame_boxes is not None else None, multimask)
             best = chunk_iou.argmax(dim=1)
             rows = torch.arange(len(best), device=best.device)
-            logits.append(self.to_image(chunk_logits[rows, best], encoded.scales[index], encoded.sizes[index]).sigmoid())
+            chosen = chunk_logits[rows, best]
+            logits.append(self.to_image(chosen, encoded.scales[index], encoded.sizes[index]).sigmoid())
             scores.append(chunk_iou[rows, best])
         masks = torch.cat(logits) if logits else embedding.new_zeros((0, *encoded.sizes[index]))
         return {"masks": masks[:, None], "scores": torch.cat(scores).clamp(0, 1) if scores else masks.new_zeros(0),
