@@ -8,11 +8,12 @@ Scenes are square uint8 RGB GeoTIFFs (EPSG:32633, 0.5 m pixels, 256 px internal 
 with the synthetic aerial generator (a pool of 64 cells of 256 px placed by a seeded draw, about
 25 objects per cell), written window by window and cached in --data-dir.
 
-Each (size, mode) runs in a fresh process; peak RSS is that process's ru_maxrss (torch and the
-model included, about 0.5 GB before any pixel is read).
+Each (size, mode) runs in a fresh process; peak RSS is that process's ru_maxrss (torch, the model
+and the imports included; ``rss_before_mb`` is the imports alone).
 
-* ``tiled``: ``rsiseg.inference.tiled.predict_scene`` (windowed reads, --batch tiles per forward,
-  masks cropped to their boxes, the shared cross-tile merge) and the GeoJSON polygons.
+* ``tiled``: ``rsiseg predict --tiled`` run in the process with every output (windowed reads, --batch
+  tiles per forward, masks cropped to their boxes, the shared cross-tile merge run band by band, the
+  instances streamed out to predictions.json, the GeoJSON and the overview as they become final).
 * ``naive``: the loop people write first: the whole scene read into memory, one tile per forward,
   every detection painted into a full-scene instance-id raster (int32) and a score raster, later
   tiles overwriting earlier ones where they overlap. Its memory grows with the scene area.
@@ -60,27 +61,36 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tiled(args: argparse.Namespace, loaded, scene_path: Path) -> dict:
-    from rsiseg.inference.geo_export import item_polygon
-    from rsiseg.inference.raster import RasterScene
-    from rsiseg.inference.tiled import TileOptions, predict_scene
+def run_tiled(args: argparse.Namespace, scene_path: Path) -> dict:
+    """``rsiseg predict --tiled`` on the scene, in this process, with every output a user gets."""
+    import tempfile
 
-    options = TileOptions(size=args.tile, overlap=args.overlap, batch_size=args.batch,
-                          score_threshold=args.score_threshold)
-    with RasterScene(scene_path, model_bands=3) as scene:
-        result = predict_scene(loaded, scene, options, progress=False)
-        polygons = [item_polygon(item, 0.5) for item in result.items]
-    return {"tiles": result.stats["tiles"], "instances": len(result.items), "polygons": len(polygons)}
+    from rsiseg.cli import main as cli_main
+
+    with tempfile.TemporaryDirectory(prefix="bench_tiled_") as out:
+        code = cli_main(["-q", "predict", "--checkpoint", args.checkpoint, str(scene_path), "--tiled", "--out", out,
+                         "--tile-size", str(args.tile), "--tile-overlap", str(args.overlap),
+                         "--tile-batch", str(args.batch), "--score-threshold", str(args.score_threshold),
+                         "--max-detections", "300", "--device", "cpu"])
+        if code != 0:
+            raise RuntimeError(f"rsiseg predict --tiled exited with {code}")
+        entry = json.loads((Path(out) / "images.json").read_text())["images"][0]
+        sizes = {p.name: p.stat().st_size for p in Path(out).rglob("*") if p.is_file()}
+    return {"tiles": entry["tiles"], "instances": entry["instances"], "features": entry["features"],
+            "output_mb": round(sum(sizes.values()) / 2**20, 1)}
 
 
-def run_naive(args: argparse.Namespace, loaded, scene_path: Path) -> dict:
+def run_naive(args: argparse.Namespace, scene_path: Path) -> dict:
     import rasterio
     import torch
 
+    from rsiseg.checkpoint import load_checkpoint
     from rsiseg.data.tiling import patch_windows
     from rsiseg.inference.paste import iter_windows
-    from rsiseg.inference.predictor import predict_images
+    from rsiseg.inference.predictor import model_from_state, predict_images
 
+    loaded = model_from_state(load_checkpoint(args.checkpoint), "cpu", {"detections_per_img": 300},
+                              fast=True)  # folded and channels-last, as predict
     with rasterio.open(scene_path) as ds:
         image = ds.read()  # [3, H, W] uint8: the whole scene
     _, height, width = image.shape
@@ -107,14 +117,12 @@ def run_naive(args: argparse.Namespace, loaded, scene_path: Path) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from rsiseg.checkpoint import load_checkpoint
-    from rsiseg.inference.predictor import model_from_state
+    import rsiseg.cli  # noqa: F401  (the imports' memory counts in rss_before, the model's does not)
 
     torch.set_num_threads(args.threads)
-    loaded = model_from_state(load_checkpoint(args.checkpoint), "cpu", {"detections_per_img": 300})
     before = peak_mb()
     start = time.perf_counter()
-    out = (run_tiled if args.worker == "tiled" else run_naive)(args, loaded, Path(args.scene))
+    out = (run_tiled if args.worker == "tiled" else run_naive)(args, Path(args.scene))
     seconds = time.perf_counter() - start
     size = int(Path(args.scene).stem.split("_")[-1])
     out.update(seconds=round(seconds, 2), tiles_per_s=round(out["tiles"] / seconds, 3),

@@ -145,3 +145,18 @@ def test_merge_command_refuses_non_finite_predictions(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "preds.json" in err and "result #0" in err and "non-finite" in err
     assert not out.exists()
+
+
+def test_masks_sharing_no_pixel_never_suppress_each_other() -> None:
+    """Even at thresholds of 0: a fused L-shaped item's box may cover another item, not its mask."""
+    from rsiseg.data.merge import merge_scene_items
+
+    ell = np.zeros((100, 100), dtype=bool)
+    ell[:, :20] = ell[80:, :] = True  # an L: its box holds the square below
+    square = np.ones((30, 30), dtype=bool)
+    window = (0, 0, 200, 200)
+    items = [make_item(ell, 0, 0, (200, 200), source=0, category_id=1, score=0.9, window=window),
+             make_item(square, 40, 20, (200, 200), source=1, category_id=1, score=0.8, window=window),
+             make_item(square, 10, 10, (200, 200), source=1, category_id=1, score=0.7, window=window)]
+    kept = merge_scene_items(items, 200, 200, policy="suppress", iou_threshold=0.0, ios_threshold=0.0)
+    assert sorted(it.score for it in kept) == [0.8, 0.9]  # the square in the L's box stays; the overlapping one goes

@@ -1,6 +1,8 @@
 """``rsiseg predict --tiled``: whole scenes of any size, merged across tiles, with georeferenced output.
 
-Writes, all staged and moved into ``--out`` only when every scene is done:
+Each scene streams through the model and its outputs (:class:`SceneOutputs`): its instances are written
+as soon as they are final, so memory does not grow with the scene. Writes, all staged and moved into
+``--out`` only when every scene is done:
 
 * ``predictions.json``: COCO results (RLE masks) in scene pixel coordinates;
 * ``images.json``: each scene's id, size, bands, CRS, transform, tile counts and instances per class;
@@ -12,6 +14,7 @@ Writes, all staged and moved into ``--out`` only when every scene is done:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -21,12 +24,10 @@ from typing import Any
 from rsiseg.commands.predict import IMAGE_SUFFIXES, check_out_folder, output_categories, overlay_stems, shared_staging
 from rsiseg.data.coco_index import read_coco_json
 from rsiseg.engine.distributed import Distributed, gather_sorted, init_distributed, rank_device_name
-from rsiseg.inference.export import write_coco_results
-from rsiseg.inference.geo_export import VECTOR_DRIVERS, item_polygon, write_vectors
-from rsiseg.inference.overview import draw_overview, save_overview
 from rsiseg.inference.predictor import LoadedModel, model_from_state
 from rsiseg.inference.raster import RasterScene, scene_size
-from rsiseg.inference.tiled import TileOptions, class_counts, predict_scene
+from rsiseg.inference.scene_outputs import SceneOutputs, join_scene_results
+from rsiseg.inference.tiled import TileOptions, stream_scene
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ def predict_coco_scenes(loaded: LoadedModel, coco: dict[str, Any], images_root: 
             if (scene.height, scene.width) != (int(image["height"]), int(image["width"])):
                 raise ValueError(f"{path}: the scene is {scene.width} x {scene.height} px but image {image['id']} "
                                  f"of the JSON says {image['width']} x {image['height']}")
-            result = predict_scene(loaded, scene, options, progress=progress)
-        results += [item.to_result(int(image["id"])) for item in result.items]
+            for items in stream_scene(loaded, scene, options, progress=progress):
+                results += [item.to_result(int(image["id"])) for item in items]
     position = {int(image["id"]): i for i, image in enumerate(coco["images"])}
     return gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the scenes' results")
 
@@ -114,20 +115,18 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     names = {c["id"]: c["name"] for c in categories}
     warn_if_resized(loaded, options)
     with shared_staging(out, outputs, dist) as staging:
-        results, entries = [], []
-        for (path, image_id), stem in list(zip(scenes, overlay_stems(scenes)))[dist.rank::dist.world_size]:
-            scene_results, entry = _predict_one(path, image_id, stem, loaded, options, names, staging, args)
-            results += scene_results
-            entries.append(entry)
-        position = {image_id: i for i, (_, image_id) in enumerate(scenes)}
-        results = gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the results")
-        entries = gather_sorted(dist, entries, key=lambda e: position[e["id"]], what="gathering the scene entries")
+        mine = list(enumerate(zip(scenes, overlay_stems(scenes))))[dist.rank::dist.world_size]
+        entries = [(index, _predict_one(path, index, image_id, stem, loaded, options, names, staging, args))
+                   for index, ((path, image_id), stem) in mine]
+        # Every rank has closed its scenes' files once the gather returns.
+        indexed = gather_sorted(dist, entries, key=lambda e: e[0], what="gathering the scene entries")
         if not dist.is_main:
             return 0
+        entries = [entry for _, entry in indexed]
         totals = sum((Counter(e["counts"]) for e in entries), Counter())
         summary = {"scenes": [{"file_name": e["file_name"], "instances": e["instances"], "counts": e["counts"]}
                               for e in entries], "total": dict(totals)}
-        write_coco_results(results, staging / "predictions.json")
+        join_scene_results(staging, [index for index, _ in indexed])
         (staging / "images.json").write_text(json.dumps({"images": entries, "categories": categories,
                                                          "score_threshold": args.score_threshold}, indent=1))
         (staging / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -140,27 +139,21 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     return 0
 
 
-def _predict_one(path: Path, image_id: int, stem: str, loaded: LoadedModel, options: TileOptions,
-                 names: dict[int, str], staging: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """Predict one scene; write its vectors and overview into ``staging``; its results and images.json entry."""
+def _predict_one(path: Path, index: int, image_id: int, stem: str, loaded: LoadedModel, options: TileOptions,
+                 names: dict[int, str], staging: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Predict the run's ``index``-th scene, streaming its results, vectors and overview into ``staging``;
+    its images.json entry."""
     with RasterScene(path, parse_bands(args.bands), loaded.config.model.in_channels) as scene:
         if not scene.georeferenced and args.vector_format != "none":
             log.warning("%s has no CRS: its polygons are written in pixel coordinates (x right, y down)", path)
-        result = predict_scene(loaded, scene, options, progress=not args.quiet)
-        polygons = [item_polygon(item, args.simplify) for item in result.items]
-        entry = {"id": image_id, **scene.describe(), **result.stats, "counts": class_counts(result.items, names)}
-        if args.vector_format != "none":
-            driver, suffix = VECTOR_DRIVERS[args.vector_format]
-            drawn = [(p, it) for p, it in zip(polygons, result.items) if p is not None]
-            (staging / "vectors").mkdir(exist_ok=True)
-            entry["vectors"] = f"vectors/{stem}{suffix}"
-            entry["features"] = write_vectors(staging / entry["vectors"], [p for p, _ in drawn],
-                                              [it for _, it in drawn], names, scene.transform, scene.crs, driver)
-        if not args.no_overlays:
-            entry["overview"] = f"overviews/{stem}.png"
-            save_overview(staging / entry["overview"], draw_overview(
-                scene, polygons, result.items, loaded.label_to_category, args.overview_size))
-    return [item.to_result(image_id) for item in result.items], entry
+        stats: dict[str, int] = {}
+        with SceneOutputs(scene, index, image_id, stem, staging, names, loaded.label_to_category,
+                          vector_format=args.vector_format, simplify=args.simplify,
+                          overview_size=0 if args.no_overlays else args.overview_size) as outputs, \
+                contextlib.closing(stream_scene(loaded, scene, options, not args.quiet, stats)) as batches:
+            for items in batches:
+                outputs.add(items)
+            return {"id": image_id, **scene.describe(), **stats, **outputs.finish()}
 
 
 def _listed_files(inputs: list[str]) -> list[Path]:

@@ -15,9 +15,14 @@ a scene-sized raster) and merged per class by :func:`merge_scene_items`:
    fused. A fused item is cut only when all its parts were.
 3. **Suppress**: the duplicates left by overlapping tiles go through a greedy mask NMS, whole
    items before cut ones (a detection touching an inner border loses to one lying wholly inside
-   another tile), then highest score, then larger area. An item is dropped when its mask IoU with
-   a kept one is ``>= iou_threshold`` or its IoS (intersection over the smaller area) is
-   ``>= ios_threshold``. Policy ``suppress`` skips step 2.
+   another tile), then highest score, then larger area. An item is dropped when its mask overlaps a
+   kept one's and their mask IoU is ``>= iou_threshold`` or its IoS (intersection over the smaller
+   area) is ``>= ios_threshold`` (so masks that share no pixel never suppress each other, even at
+   thresholds of 0). Policy ``suppress`` skips step 2.
+
+Each item's outcome depends only on the items linked to it by a chain of overlapping boxes, so
+:class:`rsiseg.data.merge_stream.StreamingMerge` can merge a scene band by band as its tiles arrive
+and give out the final instances early, with the same result.
 
 ``merge_predictions`` is the ``data merge`` entry point: COCO results on the patches of a
 ``data split`` output, in, and COCO results on the scenes, out.
@@ -183,7 +188,7 @@ def _area_in(item: SceneItem, window: Box) -> float:
     return float(item.crop[y - item.y:y - item.y + h, x - item.x:x - item.x + w].sum())
 
 
-def _neighbours(items: list[SceneItem]) -> list[np.ndarray]:
+def box_neighbours(items: list[SceneItem]) -> list[np.ndarray]:
     """For each item, the indices of the other items whose box overlaps its box with positive area.
 
     One bulk query of a shapely STRtree, so the cost follows the overlapping pairs, not ``N^2``.
@@ -209,7 +214,7 @@ def _fuse_group(items: list[SceneItem], fuse_ios: float) -> list[SceneItem]:
             i = parent[i]
         return i
 
-    neighbours = _neighbours(items)
+    neighbours = box_neighbours(items)
     for i in [k for k, it in enumerate(items) if it.cut]:
         a = items[i]
         for j in neighbours[i]:
@@ -250,7 +255,7 @@ def _nms(items: list[SceneItem], iou_threshold: float, ios_threshold: float) -> 
     Only items whose boxes overlap are compared, so memory follows the overlapping pairs.
     """
     items = sorted(items, key=lambda it: (it.cut, -it.score, -it.area))
-    neighbours = _neighbours(items)
+    neighbours = box_neighbours(items)
     areas = np.array([it.area for it in items])
     suppressed = np.zeros(len(items), dtype=bool)
     kept = []
@@ -265,7 +270,7 @@ def _nms(items: list[SceneItem], iou_threshold: float, ios_threshold: float) -> 
         iou = np.asarray(mask_utils.iou([items[j].rle for j in later], [item.rle], [0]), dtype=np.float64)[:, 0]
         inter = iou * (areas[later] + item.area) / (1.0 + iou)
         ios = inter / np.maximum(np.minimum(areas[later], item.area), 1.0)
-        suppressed[later[(iou >= iou_threshold) | (ios >= ios_threshold)]] = True
+        suppressed[later[((iou >= iou_threshold) | (ios >= ios_threshold)) & (inter > 0)]] = True
     return kept
 
 

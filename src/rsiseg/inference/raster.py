@@ -1,7 +1,8 @@
 """Windowed reading of scenes of any size (PNG, JPEG, TIFF, GeoTIFF) through rasterio.
 
 A scene is never loaded whole: tiles are read one window at a time, with the bands a user picked,
-and GDAL's mask band (nodata value, alpha band or internal mask) tells which pixels are valid.
+through a bounded GDAL block cache, and GDAL's mask band (nodata value, alpha band or internal mask)
+tells which pixels are valid.
 Errors name the file and what is wrong with it, instead of surfacing as GDAL tracebacks.
 """
 
@@ -20,6 +21,10 @@ from rasterio.windows import Window as RioWindow
 from rsiseg.data.io import ImageReadError
 
 Window = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive, as data.tiling.patch_windows
+# GDAL's block cache while a scene is open, in MB. Its default (5% of the RAM) keeps every block a
+# tiled pass decodes, so memory followed the scene's area (+150 MB from 4096² to 8192² px, measured).
+# Tiles go row by row, so the blocks worth keeping are those of the current tile row and its overlap.
+BLOCK_CACHE_MB = 64
 
 
 class RasterScene:
@@ -38,9 +43,12 @@ class RasterScene:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"scene not found: {self.path}")
+        self._env = rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_MB)  # exited by close()
+        self._env.__enter__()
         try:
             self._dataset = _open(self.path)
         except RasterioError as err:
+            self._env.__exit__(None, None, None)
             raise ImageReadError(f"{self.path}: not a readable raster ({err})") from None
         ds = self._dataset
         self.height, self.width = int(ds.height), int(ds.width)
@@ -69,8 +77,10 @@ class RasterScene:
         self.close()
 
     def close(self) -> None:
-        """Close the file."""
-        self._dataset.close()
+        """Close the file and restore GDAL's block cache size."""
+        if not self._dataset.closed:
+            self._dataset.close()
+            self._env.__exit__(None, None, None)
 
     @property
     def georeferenced(self) -> bool:

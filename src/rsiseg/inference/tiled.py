@@ -2,8 +2,11 @@
 
 The scene is read one batch of windows at a time (:class:`RasterScene`), each detection's mask is
 pasted inside its box only and kept cropped (:class:`SceneItem`), and the cross-tile merge is the
-one ``rsiseg data merge`` uses (:func:`merge_scene_items`). Memory therefore follows the tile batch
-plus the instance count, never the scene area.
+one ``rsiseg data merge`` uses, run band by band as the tile rows arrive (:class:`StreamingMerge`):
+:func:`stream_scene` gives out each instance as soon as no later tile can change it. Memory therefore
+follows the tile batch and the detections not yet final (about two rows of tiles' worth when the
+overlap is at most half a tile and no chain of overlapping boxes runs down the scene), never the scene
+area nor its instance count.
 
 An optional multi-scale pass predicts every tile again with the model's input resize scaled by each
 extra factor; the boxes come back in tile pixels and the duplicates go through the same merge.
@@ -12,7 +15,7 @@ extra factor; the boxes come back in tile pixels and the duplicates go through t
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,7 +24,8 @@ from tqdm import tqdm
 
 from rsiseg.data.io import match_bands, to_unit_float
 from rsiseg.data.loader import to_chw_tensor
-from rsiseg.data.merge import SceneItem, make_item, merge_scene_items
+from rsiseg.data.merge import SceneItem, make_item
+from rsiseg.data.merge_stream import StreamingMerge
 from rsiseg.data.tiling import patch_windows
 from rsiseg.inference.paste import iter_windows
 from rsiseg.inference.predictor import LoadedModel, predict_images
@@ -72,40 +76,80 @@ class SceneResult:
 
 def predict_scene(loaded: LoadedModel, scene: RasterScene, options: TileOptions,
                   progress: bool = True) -> SceneResult:
-    """Predict every tile of ``scene`` and merge the detections across tile borders.
+    """Predict every tile of ``scene`` and merge the detections across tile borders, all held in memory.
+
+    :func:`stream_scene` gives the same instances without holding them; this collects them (tests,
+    small scenes).
 
     Raises:
         ValueError: every pixel of the scene is nodata (nothing to predict).
         ImageReadError: a window cannot be decoded (corrupt or truncated file).
     """
+    stats: dict[str, int] = {}
+    items = [item for batch in stream_scene(loaded, scene, options, progress, stats) for item in batch]
+    return SceneResult(items, stats)
+
+
+def stream_scene(loaded: LoadedModel, scene: RasterScene, options: TileOptions, progress: bool = True,
+                 stats: dict[str, int] | None = None) -> Iterator[list[SceneItem]]:
+    """Predict the tiles of ``scene`` row by row and yield its merged instances as soon as they are final.
+
+    Each yielded batch holds the instances that no later tile can touch (see
+    :class:`~rsiseg.data.merge_stream.StreamingMerge`), so memory follows the tile batch and the
+    undecided detections (about two tile rows' worth), whatever the scene's size. Together the batches
+    hold exactly the instances of a merge of the whole scene (in another order: band by band, then by
+    class).
+
+    Args:
+        stats: if given, filled with the counts of :class:`SceneResult` as the scene goes.
+
+    Raises:
+        ValueError: every pixel of the scene is nodata (nothing to predict), after the last tile.
+        ImageReadError: a window cannot be decoded (corrupt or truncated file).
+    """
     windows = patch_windows(scene.height, scene.width, options.size, options.overlap)
-    stats: Counter[str] = Counter(tiles=len(windows), tiles_skipped_nodata=0)
-    items: list[SceneItem] = []
-    bar = tqdm(total=len(windows), desc=f"tiles of {scene.path.name}", unit="tile", disable=not progress)
-    for start in range(0, len(windows), options.batch_size):
-        tensors, read = [], []
-        for source in range(start, min(start + options.batch_size, len(windows))):
-            pixels, valid = scene.read(windows[source])
-            if not valid.any():
-                stats["tiles_skipped_nodata"] += 1
-                continue
-            bands = match_bands(pixels, loaded.config.model.in_channels, scene.path)
-            tensors.append(to_chw_tensor(to_unit_float(bands)))
-            read.append(source)
-        if tensors:
-            for source, pred in zip(read, _predict_scales(loaded, tensors, options)):
-                items += tile_items(pred, windows[source], (scene.height, scene.width), loaded.label_to_category,
-                                    options, source=source)
-        bar.update(min(options.batch_size, len(windows) - start))
-    bar.close()
+    stats = stats if stats is not None else {}
+    stats.update(tiles=len(windows), tiles_skipped_nodata=0, detections=0, fused=0, suppressed=0, instances=0)
+    merge = StreamingMerge(scene.height, scene.width, stats, policy=options.policy,
+                           iou_threshold=options.iou_threshold, ios_threshold=options.ios_threshold,
+                           border_px=options.border_px)
+    released_to = 0.0  # nothing ends above row 0
+    with tqdm(total=len(windows), desc=f"tiles of {scene.path.name}", unit="tile", disable=not progress) as bar:
+        for start in range(0, len(windows), options.batch_size):
+            end = min(start + options.batch_size, len(windows))
+            items = _batch_items(loaded, scene, windows, range(start, end), options, stats)
+            merge.add(items)
+            stats["detections"] += len(items)
+            bar.update(end - start)
+            frontier = windows[end][0] if end < len(windows) else math.inf  # row-major: later tiles start here
+            if frontier > released_to:
+                released_to = frontier
+                final = merge.release(frontier)
+                stats["instances"] += len(final)
+                if final:
+                    yield final
     if stats["tiles_skipped_nodata"] == len(windows):
         raise ValueError(f"{scene.path}: every pixel is nodata; there is nothing to predict")
-    stats["detections"] = len(items)
-    merged = merge_scene_items(items, scene.height, scene.width, policy=options.policy,
-                               iou_threshold=options.iou_threshold, ios_threshold=options.ios_threshold,
-                               border_px=options.border_px, stats=stats)
-    stats["instances"] = len(merged)
-    return SceneResult(merged, dict(stats))
+
+
+def _batch_items(loaded: LoadedModel, scene: RasterScene, windows: list[Window], batch: range,
+                 options: TileOptions, stats: dict[str, int]) -> list[SceneItem]:
+    """The detections of the tiles ``windows[batch]`` in scene pixels; all-nodata tiles are skipped and counted."""
+    tensors, read = [], []
+    for source in batch:
+        pixels, valid = scene.read(windows[source])
+        if not valid.any():
+            stats["tiles_skipped_nodata"] += 1
+            continue
+        bands = match_bands(pixels, loaded.config.model.in_channels, scene.path)
+        tensors.append(to_chw_tensor(to_unit_float(bands)))
+        read.append(source)
+    items: list[SceneItem] = []
+    if tensors:
+        for source, pred in zip(read, _predict_scales(loaded, tensors, options)):
+            items += tile_items(pred, windows[source], (scene.height, scene.width), loaded.label_to_category,
+                                options, source=source)
+    return items
 
 
 def _predict_scales(loaded: LoadedModel, tensors: list[torch.Tensor],
@@ -171,9 +215,3 @@ def tile_items(pred: dict[str, torch.Tensor], window: Window, scene_hw: tuple[in
         if item is not None:
             items.append(item)
     return items
-
-
-def class_counts(items: list[SceneItem], names: dict[int, str]) -> dict[str, int]:
-    """Instances per class name, in category order."""
-    counts = Counter(item.category_id for item in items)
-    return {names.get(c, str(c)): counts[c] for c in sorted(counts)}
