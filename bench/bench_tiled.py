@@ -171,14 +171,14 @@ def main() -> None:
             rows.append({"size": size, "mode": mode, **row})
             print(rows[-1], flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("| scene | mode | tiles | s | tiles/s | MP/s | instances | peak RSS MB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| scene | mode | tiles | s | tiles/s | MP/s | instances | outputs MB | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "failed" in r:
-            print(f"| {r['size']} | {r['mode']} | failed: {r['failed']} ||||||")
+            print(f"| {r['size']} | {r['mode']} | failed: {r['failed']} |||||||")
         else:
             print(f"| {r['size']} | {r['mode']} | {r['tiles']} | {r['seconds']} | {r['tiles_per_s']} | "
-                  f"{r['megapixels_per_s']} | {r['instances']} | {r['peak_rss_mb']} |")
+                  f"{r['megapixels_per_s']} | {r['instances']} | {r.get('output_mb', '')} | {r['peak_rss_mb']} |")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def _component_bottoms(items: list[SceneItem]) -> np.ndarray:
     cols = np.concatenate(neighbours).astype(np.int64)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(len(items), len(items)))
     _, labels = connected_components(graph, directed=False)
-    bottoms = np.array([item.y + item.box[3] for item in items], dtype=np.float64)
+    bottoms = np.array([item.box[1] + item.box[3] for item in items], dtype=np.float64)
     lowest = np.full(labels.max() + 1, -math.inf)
     np.maximum.at(lowest, labels, bottoms)
     return lowest[labels]

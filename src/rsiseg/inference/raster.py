@@ -30,6 +30,10 @@ BLOCK_CACHE_MB = 64
 class RasterScene:
     """An open raster read window by window.
 
+    While it is open, GDAL's block cache is held at ``BLOCK_CACHE_MB`` (a ``rasterio.Env``, left by
+    :meth:`close`). Those environments stack, so scenes open at the same time must close in the reverse
+    order, as nested ``with`` blocks do.
+
     Attributes:
         path: the file.
         height, width: scene size in pixels.

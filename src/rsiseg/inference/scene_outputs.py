@@ -107,7 +107,7 @@ def join_scene_results(staging: Path, indices: list[int]) -> int:
     The parts are removed afterwards. Returns the number of results.
     """
     count = join_result_parts([result_part(staging, i) for i in indices], staging / "predictions.json")
-    shutil.rmtree(staging / PARTS_FOLDER)
+    shutil.rmtree(staging / PARTS_FOLDER, ignore_errors=True)  # absent when no scene ran
     return count
 
 
