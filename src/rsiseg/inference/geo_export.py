@@ -82,7 +82,8 @@ def write_vectors(path: str | Path, polygons: list[MultiPolygon], items: list[Sc
             transform says (it maps to no known coordinate system).
         driver: ``GeoJSON`` or ``GPKG``.
         first_id: the ``id`` of the first feature (the next ones count up).
-        append: add to the layer of an existing file (cheap for GPKG; GDAL rewrites a GeoJSON each time).
+        append: add to the layer of an existing file (cheap for GPKG; a GeoJSON append costs time that grows
+            with the file: 2.5 s per 1,000 features at 60,000, measured).
         layer: layer name; default the file's stem.
 
     Fields: ``id`` (1-based), ``class``, ``category_id``, ``score``, ``area_px`` and ``area_m2``
@@ -109,7 +110,7 @@ class VectorWriter:
     """One scene's instances written batch by batch, never all in memory.
 
     The batches are appended to a GeoPackage (an append costs the batch only). For GeoJSON, whose
-    appends GDAL pays by rewriting the file, that GeoPackage is a staging file beside ``path``,
+    appends cost time growing with the file, that GeoPackage is a staging file beside ``path``,
     streamed into the GeoJSON by GDAL when the scene is done and then removed.
 
     Args:
