@@ -327,3 +327,27 @@ def test_memory_stays_bounded_on_an_8k_scene(tmp_path: Path) -> None:
     assert (count_4k, count_8k) == (256, 1024)  # every object once
     assert peak_8k < 1.2 * peak_4k, f"peak {peak_4k / 2**20:.0f} -> {peak_8k / 2**20:.0f} MiB"
     assert peak_8k < 8192 * 8192 * 3 / 2, f"peak {peak_8k / 2**20:.0f} MiB"  # under half the 3-band scene
+
+
+def test_tiled_score_floor_keeps_the_same_detections(untrained_checkpoint: str) -> None:
+    """predict --tiled raises the model's box_score_thresh to --score-threshold (the mask head then skips
+    what would be dropped): the detections at or above it, boxes, scores and masks, are those of the low floor."""
+    from rsiseg.checkpoint import load_checkpoint
+    from rsiseg.commands.predict_tiled import tiled_overrides
+    from rsiseg.data.synthetic import generate_scene
+    from rsiseg.inference.predictor import model_from_state, predict_images
+
+    state = load_checkpoint(untrained_checkpoint)
+    image = torch.from_numpy(generate_scene(np.random.default_rng(3), 256)[0]).permute(2, 0, 1).float() / 255
+    low = predict_images(model_from_state(state, "cpu", {"box_score_thresh": 0.0}).model, [image], torch.device("cpu"))[0]
+    floor = float(low["scores"].median())
+    args = SimpleNamespace(max_detections=None, score_threshold=floor, checkpoint=untrained_checkpoint)
+    overrides = tiled_overrides(args, state)
+    assert list(overrides) == ["box_score_thresh"] and floor - 1e-6 < overrides["box_score_thresh"] < floor
+    high = predict_images(model_from_state(state, "cpu", overrides).model, [image], torch.device("cpu"))[0]
+    kept = low["scores"] >= floor
+    assert 0 < len(high["scores"]) < len(low["scores"])
+    for key in ("boxes", "labels", "scores", "roi_masks"):
+        torch.testing.assert_close(high[key], low[key][kept])
+    assert tiled_overrides(SimpleNamespace(max_detections=7, score_threshold=0.0, checkpoint="c"), state) == {
+        "detections_per_img": 7}  # a threshold under the stored floor leaves the floor alone

@@ -21,10 +21,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rsiseg.commands.predict import IMAGE_SUFFIXES, check_out_folder, output_categories, overlay_stems, shared_staging
 from rsiseg.data.coco_index import read_coco_json
 from rsiseg.engine.distributed import Distributed, gather_sorted, init_distributed, rank_device_name
-from rsiseg.inference.predictor import LoadedModel, model_from_state
+from rsiseg.inference.predictor import LoadedModel, model_from_state, stored_config
 from rsiseg.inference.raster import RasterScene, scene_size
 from rsiseg.inference.scene_outputs import SceneOutputs, join_scene_results
 from rsiseg.inference.tiled import TileOptions, stream_scene
@@ -86,6 +88,23 @@ def predict_coco_scenes(loaded: LoadedModel, coco: dict[str, Any], images_root: 
     return gather_sorted(dist, results, key=lambda r: position[r["image_id"]], what="gathering the scenes' results")
 
 
+def tiled_overrides(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
+    """The stored model options that ``predict --tiled`` changes: ``--max-detections``, and the model's own
+    score floor ``box_score_thresh`` raised to ``--score-threshold``.
+
+    The tiled path drops every detection below ``--score-threshold`` (the non-tiled one counts them in its
+    report), so the mask head need not run on them: on the R50 model at 256 px tiles it ran on 5x the kept
+    detections and took 80% of the time. The kept detections do not change: the floor is applied before the
+    class-wise NMS and the top-``detections_per_img`` cut, and neither lets a lower score remove a higher one.
+    The floor is one float32 step under the threshold, since torchvision keeps scores strictly above its floor.
+    """
+    overrides: dict[str, Any] = {"detections_per_img": args.max_detections} if args.max_detections else {}
+    floor = float(np.nextafter(np.float32(args.score_threshold), np.float32(-np.inf)))
+    if floor > stored_config(state, args.checkpoint).model.box_score_thresh:
+        overrides["box_score_thresh"] = floor
+    return overrides
+
+
 def needs_tiling(args: argparse.Namespace) -> bool:
     """``--tiled``, or an input file with a side longer than ``--tile-above`` pixels."""
     if args.tiled:
@@ -107,9 +126,8 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     dist.main_only(lambda: check_out_folder(out, args.overwrite, outputs), "checking --out")
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     scenes = _scene_inputs(args, coco)
-    overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
-    loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
-                              fast=not args.exact)
+    loaded = model_from_state(state, rank_device_name(dist, args.device), tiled_overrides(args, state),
+                              source=args.checkpoint, fast=not args.exact)
     categories, label_to_category = output_categories(loaded, args, coco)
     loaded.label_to_category = label_to_category
     names = {c["id"]: c["name"] for c in categories}
