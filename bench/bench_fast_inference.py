@@ -3,6 +3,7 @@
 Usage: .venv/bin/python bench/bench_fast_inference.py --checkpoint runs/demo/train/last.pth [--label tiny]
            [--images runs/demo/data/images] [--size 800] [--batches 1 8] [--repeats 3]
            [--ap-data runs/demo/data/annotations/instances_val.json] [--threads 2] [--out /tmp/bench_fast.json]
+           [--device cuda] [--precisions bf16 fp16] [--compile]
 
 Variants, all from the checkpoint's weights:
 
@@ -10,7 +11,10 @@ Variants, all from the checkpoint's weights:
   normalisation and heads (strict state-dict load), which pastes full-size masks;
 * ``rsiseg``: the model as ``--exact`` runs it (masks kept in their boxes);
 * ``fast``: batch norms folded into the convolutions (the default of ``predict`` and ``eval``);
-* ``fast_cl``: ``fast`` plus channels-last weights (the batched input follows them).
+* ``fast_cl``: ``fast`` plus channels-last weights (the batched input follows them): the default;
+* ``fast_cl_<precision>`` for each of ``--precisions``: ``fast_cl`` under autocast (``--precision``);
+* ``fast_cl_compile`` with ``--compile``: ``fast_cl`` with its backbone through ``torch.compile``
+  (the warm-up batch pays the compile).
 
 Each forward runs under ``torch.inference_mode``, and its time includes turning the outputs into
 COCO results (RLE), which is where full-size masks cost. Images are the ``--images`` files resized
@@ -37,7 +41,7 @@ from rsiseg.checkpoint import load_checkpoint
 from rsiseg.config import EvalConfig
 from rsiseg.data.coco import CocoInstanceDataset
 from rsiseg.inference.export import prediction_to_coco
-from rsiseg.inference.fast import prepare_for_inference
+from rsiseg.inference.fast import FastOptions, prepare_for_inference
 from rsiseg.inference.predictor import evaluate_model, model_from_state
 from rsiseg.models.layers.rcnn_assembly import build_anchor_generator, default_roi_head_parts
 
@@ -54,17 +58,23 @@ def stock_model(loaded) -> MaskRCNN:
         box_detections_per_img=cfg.detections_per_img, box_head=parts.box_head, box_predictor=parts.box_predictor,
         mask_head=parts.mask_head, mask_predictor=parts.mask_predictor)
     stock.load_state_dict(model.state_dict(), strict=True)
-    return stock.eval()
+    return stock.to(next(model.parameters()).device).eval()
 
 
-def build_variants(state: dict, overrides: dict | None) -> dict[str, torch.nn.Module]:
-    """The four variants of the module docstring."""
-    fast_cl = model_from_state(state, "cpu", overrides).model
-    prepare_for_inference(fast_cl, channels_last=True)
-    return {"stock": stock_model(model_from_state(state, "cpu", overrides)),
-            "rsiseg": model_from_state(state, "cpu", overrides).model,
-            "fast": model_from_state(state, "cpu", overrides, fast=True).model,
-            "fast_cl": fast_cl}
+def build_variants(state: dict, overrides: dict | None, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The variants of the module docstring, on ``args.device``."""
+    def model(fast: FastOptions | None = None) -> torch.nn.Module:
+        return model_from_state(state, args.device, overrides, fast=fast).model
+
+    fold_only = model()
+    prepare_for_inference(fold_only, channels_last=False)
+    variants = {"stock": stock_model(model_from_state(state, args.device, overrides)), "rsiseg": model(),
+                "fast": fold_only, "fast_cl": model(FastOptions())}
+    for precision in args.precisions:
+        variants[f"fast_cl_{precision}"] = model(FastOptions(precision=precision))
+    if args.compile:
+        variants["fast_cl_compile"] = model(FastOptions(compile=True))
+    return variants
 
 
 def load_images(folder: Path, size: int, count: int) -> list[torch.Tensor]:
@@ -78,9 +88,11 @@ def load_images(folder: Path, size: int, count: int) -> list[torch.Tensor]:
 
 
 def run(model, images: list[torch.Tensor]) -> tuple[list[list[dict]], list[dict]]:
-    """Forward + COCO export of one batch: the COCO results and the raw predictions."""
+    """Forward + COCO export of one batch: the COCO results and the raw predictions (moved to the CPU,
+    which waits for a GPU to finish)."""
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        preds = model(images)
+        preds = [{k: v.cpu() for k, v in p.items()} for p in model([image.to(device) for image in images])]
     return [prediction_to_coco(p, i, list(range(1, 100))) for i, p in enumerate(preds)], preds
 
 
@@ -116,15 +128,20 @@ def main() -> None:
     parser.add_argument("--ap-data", help="COCO JSON to compute AP on (images beside it in ../images)")
     parser.add_argument("--ap-images", help="image folder of --ap-data")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--precisions", nargs="*", default=[], choices=["bf16", "fp16"],
+                        help="add a fast_cl variant under autocast in each")
+    parser.add_argument("--compile", action="store_true", help="add a fast_cl variant with a compiled backbone")
     parser.add_argument("--out", default="/tmp/bench_fast.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     state = load_checkpoint(args.checkpoint)
     # At --size the model's own resize must not undo the image size; AP uses the checkpoint's sizes.
-    variants = build_variants(state, {"min_size": args.size, "max_size": args.size})
-    ap_variants = build_variants(state, None) if args.ap_data else {}
+    variants = build_variants(state, {"min_size": args.size, "max_size": args.size}, args)
+    ap_variants = build_variants(state, None, args) if args.ap_data else {}
     images = load_images(Path(args.images), args.size, max(args.batches))
-    report: dict = {"label": args.label, "checkpoint": args.checkpoint, "size": args.size, "variants": {}}
+    report: dict = {"label": args.label, "checkpoint": args.checkpoint, "size": args.size, "device": args.device,
+                    "variants": {}}
     reference = run(variants["stock"], images[:1])[1]
     for name, model in variants.items():
         row = {f"img_per_s_b{b}": round(throughput(model, images, b, args.repeats), 3) for b in args.batches}
@@ -132,7 +149,8 @@ def main() -> None:
         if args.ap_data:
             root = args.ap_images or str(Path(args.ap_data).parent.parent / "images")
             dataset = CocoInstanceDataset(args.ap_data, root, in_channels=3)
-            metrics, _ = evaluate_model(ap_variants[name], dataset, EvalConfig(), torch.device("cpu"), progress=False)
+            metrics, _ = evaluate_model(ap_variants[name], dataset, EvalConfig(), torch.device(args.device),
+                                        progress=False)
             row.update(bbox_AP=round(metrics["bbox"]["AP"] * 100, 2), segm_AP=round(metrics["segm"]["AP"] * 100, 2))
         report["variants"][name] = row
         print(name, row, flush=True)

@@ -86,12 +86,13 @@ def run_naive(args: argparse.Namespace, scene_path: Path) -> dict:
 
     from rsiseg.checkpoint import load_checkpoint
     from rsiseg.data.tiling import patch_windows
+    from rsiseg.inference.fast import FastOptions
     from rsiseg.inference.paste import iter_windows
     from rsiseg.inference.predictor import model_from_state, predict_images
 
     loaded = model_from_state(load_checkpoint(args.checkpoint), "cpu",  # the model options of predict --tiled
                               {"detections_per_img": 300, "box_score_thresh": args.score_threshold},
-                              fast=True)  # folded and channels-last, as predict
+                              fast=FastOptions())  # folded and channels-last, as predict
     with rasterio.open(scene_path) as ds:
         image = ds.read()  # [3, H, W] uint8: the whole scene
     _, height, width = image.shape

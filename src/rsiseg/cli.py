@@ -184,7 +184,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--missed-iou", type=unit_float, default=0.5, metavar="IOU",
                    help="an instance is missed when no same-class detection scoring >= 0.05 has this box IoU "
                    "with it (default 0.5)")
-    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    _add_inference_mode(p)
     _add_tiling(p, predict=False)
     p.set_defaults(handler=_run_eval)
 
@@ -221,13 +221,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs (the overviews with --tiled)")
     p.add_argument("--batch-size", type=int_in_range(1), default=2, help="images per forward pass (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    _add_inference_mode(p)
     _add_tiling(p, predict=True)
     p.set_defaults(handler=_run_predict)
 
 
-EXACT_HELP = ("run the checkpoint's modules unchanged; by default the batch norms are folded into their "
-              "convolutions and the weights stored channels-last: the same outputs up to float rounding, faster")
+def _add_inference_mode(p: argparse.ArgumentParser) -> None:
+    """The inference path of ``predict`` and ``eval`` (rsiseg.inference.fast)."""
+    p.add_argument("--exact", action="store_true",
+                   help="run the checkpoint's modules unchanged; by default the batch norms are folded into their "
+                   "convolutions and the weights stored channels-last: the same outputs up to float rounding, faster")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="run the forward pass under autocast in this dtype: bf16 (CPU or CUDA) or fp16 (CUDA only); "
+                   "outputs stay float32 (default fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the backbone with torch.compile (the first batch of each shape pays the compile)")
 
 
 def _add_tiling(p: argparse.ArgumentParser, *, predict: bool) -> None:

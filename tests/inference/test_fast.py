@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from rsiseg.inference.fast import fold_batchnorm, prepare_for_inference
+from rsiseg.inference.fast import FastOptions, fold_batchnorm, prepare_for_inference
 from rsiseg.models.registry import build_model
 from tests.models.test_mask_rcnn import tiny
 
@@ -80,3 +84,55 @@ def test_fast_prompt_model_keeps_its_fourier_weights_usable() -> None:
         after = model([image])[0]
     assert len(after["scores"]) == len(before["scores"])
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_the_convolutions_in_bf16_and_returns_float32() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(box_score_thresh=0.0)).eval()
+    image = torch.rand(3, 128, 128)
+    with torch.no_grad():
+        before = model([image])[0]
+    seen: list[torch.dtype] = []
+    model.backbone.body.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    FastOptions(fold=False, precision="bf16").apply(model, torch.device("cpu"))
+    with torch.no_grad():
+        after = model([image])[0]
+    assert seen == [torch.bfloat16]
+    assert {k: v.dtype for k, v in after.items() if v.is_floating_point()} == {
+        "boxes": torch.float32, "scores": torch.float32, "roi_masks": torch.float32}
+    assert len(after["scores"]) > 0
+    assert after["scores"].max() == pytest.approx(before["scores"].max().item(), abs=0.05)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        FastOptions(precision="fp16").apply(model, torch.device("cpu"))
+
+
+def test_compiled_backbone_gives_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(box_score_thresh=0.0)).eval()
+    image = torch.rand(3, 128, 128)
+    with torch.no_grad():
+        before = model([image])[0]
+    keys = set(model.state_dict())
+    FastOptions(fold=False, compile=True).apply(model, torch.device("cpu"))
+    assert set(model.state_dict()) == keys  # compiled in place: checkpoints and attributes unchanged
+    with torch.no_grad():
+        after = model([image])[0]
+    assert len(after["scores"]) == len(before["scores"]) > 0
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_predict_precision_options(untrained_checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from rsiseg.cli import main
+    from rsiseg.data.synthetic import generate_scene
+
+    Image.fromarray(generate_scene(np.random.default_rng(0), 128)[0]).save(tmp_path / "a.png")
+    args = ["-q", "predict", "--checkpoint", untrained_checkpoint, str(tmp_path / "a.png"), "--device", "cpu",
+            "--score-threshold", "0", "--no-overlays"]
+    assert main([*args, "--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 2
+    assert "--precision fp16 needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    results = json.loads((tmp_path / "bf16" / "predictions.json").read_text())
+    assert results and all(isinstance(r["score"], float) for r in results)

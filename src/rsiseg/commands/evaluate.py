@@ -19,6 +19,7 @@ from rsiseg.evaluation.prompted import evaluate_with_missed_prompts, format_prom
 from rsiseg.fileio import atomic_write
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import read_coco_results, write_coco_results
+from rsiseg.inference.fast import FastOptions
 from rsiseg.inference.predictor import LoadedModel, model_from_state, score_results, select_device, stored_config
 from rsiseg.models.registry import build_model
 from rsiseg.tasks import get_task
@@ -55,7 +56,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = CocoInstanceDataset(ann, images, in_channels=cfg.model.in_channels, repair=cfg.data.repair)
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
     loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
-                              fast=not args.exact)
+                              fast=FastOptions.from_args(args))
     label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, dataset.index.categories, parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann),
@@ -82,7 +83,7 @@ def _eval_tiled(args: argparse.Namespace, state: dict[str, Any], overrides: dict
     coco = read_coco_json(Path(ann))
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th scene
     loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
-                              fast=not args.exact)
+                              fast=FastOptions.from_args(args))
     loaded.label_to_category = map_labels_to_categories(
         loaded.class_names, loaded.label_to_category, coco["categories"], parse_class_map(args.class_map),
         model_source=str(args.checkpoint), data_source=str(ann))
@@ -148,7 +149,7 @@ def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: Experim
     task = get_task("semantic")
     dataset = task.dataset(cfg, images, labels)
     dist = init_distributed(args.device)  # under torchrun: each process evaluates every N-th image
-    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint, fast=not args.exact)
+    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint, fast=FastOptions.from_args(args))
     if list(loaded.class_names) != list(dataset.class_names):
         raise ValueError(f"{args.checkpoint} predicts the classes {loaded.class_names} but the labels in {labels} "
                          f"have {dataset.class_names}")

@@ -39,6 +39,7 @@ from rsiseg.engine.distributed import Distributed, gather_sorted, init_distribut
 from rsiseg.fileio import remove_path
 from rsiseg.inference.classes import map_labels_to_categories, parse_class_map
 from rsiseg.inference.export import prediction_to_coco, write_coco_results
+from rsiseg.inference.fast import FastOptions
 from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_images, stored_config
 from rsiseg.inference.visualize import save_overlay, to_display_rgb
 
@@ -164,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     found = collect_images(args.inputs, args.from_coco, args.images, args.limit, args.strict, coco)
     overrides = {"detections_per_img": args.max_detections} if args.max_detections else None
     loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,
-                              fast=not args.exact)
+                              fast=FastOptions.from_args(args))
     categories, label_to_category = output_categories(loaded, args, coco)
     with shared_staging(out, OUTPUTS, dist) as staging:
         results, entries = predict_shard(found, dist, lambda part: _predict_all(part, loaded, label_to_category,

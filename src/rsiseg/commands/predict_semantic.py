@@ -32,6 +32,7 @@ from rsiseg.data.io import match_bands, to_unit_float
 from rsiseg.data.loader import to_chw_tensor
 from rsiseg.data.semantic import resize_image
 from rsiseg.engine.distributed import init_distributed, rank_device_name
+from rsiseg.inference.fast import FastOptions
 from rsiseg.inference.predictor import LoadedModel, model_from_state, predict_images
 from rsiseg.inference.semantic_output import colorize, is_georeferenced, palette_for, write_index_mask
 
@@ -49,7 +50,7 @@ def run_semantic_predict(args: argparse.Namespace, state: dict[str, Any]) -> int
     dist.main_only(lambda: check_out_folder(out, args.overwrite, OUTPUTS), "checking --out")
     found = collect_images(args.inputs, None, None, args.limit, args.strict)
     loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint,
-                              fast=not args.exact)
+                              fast=FastOptions.from_args(args))
     palette = palette_for(loaded.class_names, state.get("classes", {}).get("palette"))
     with shared_staging(out, OUTPUTS, dist) as staging:
         _, entries = predict_shard(found, dist, lambda part: ([], _predict_all(part, loaded, palette, staging,

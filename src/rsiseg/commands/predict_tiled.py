@@ -26,6 +26,7 @@ import numpy as np
 from rsiseg.commands.predict import IMAGE_SUFFIXES, check_out_folder, output_categories, overlay_stems, shared_staging
 from rsiseg.data.coco_index import read_coco_json
 from rsiseg.engine.distributed import Distributed, gather_sorted, init_distributed, rank_device_name
+from rsiseg.inference.fast import FastOptions
 from rsiseg.inference.predictor import LoadedModel, model_from_state, stored_config
 from rsiseg.inference.raster import RasterScene, scene_size
 from rsiseg.inference.scene_outputs import SceneOutputs, join_scene_results
@@ -127,7 +128,7 @@ def run_tiled_predict(args: argparse.Namespace, state: dict[str, Any], outputs: 
     coco = read_coco_json(Path(args.from_coco)) if args.from_coco else None
     scenes = _scene_inputs(args, coco)
     loaded = model_from_state(state, rank_device_name(dist, args.device), tiled_overrides(args, state),
-                              source=args.checkpoint, fast=not args.exact)
+                              source=args.checkpoint, fast=FastOptions.from_args(args))
     categories, label_to_category = output_categories(loaded, args, coco)
     loaded.label_to_category = label_to_category
     names = {c["id"]: c["name"] for c in categories}
