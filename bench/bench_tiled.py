@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -85,13 +86,15 @@ def run_naive(args: argparse.Namespace, scene_path: Path) -> dict:
     import torch
 
     from rsiseg.checkpoint import load_checkpoint
+    from rsiseg.commands.predict_tiled import tiled_overrides
     from rsiseg.data.tiling import patch_windows
     from rsiseg.inference.fast import FastOptions
     from rsiseg.inference.paste import iter_windows
     from rsiseg.inference.predictor import model_from_state, predict_images
 
-    loaded = model_from_state(load_checkpoint(args.checkpoint), "cpu",  # the model options of predict --tiled
-                              {"detections_per_img": 300, "box_score_thresh": args.score_threshold},
+    state = load_checkpoint(args.checkpoint)
+    options = SimpleNamespace(max_detections=300, score_threshold=args.score_threshold, checkpoint=args.checkpoint)
+    loaded = model_from_state(state, "cpu", tiled_overrides(options, state),  # the model options of predict --tiled
                               fast=FastOptions())  # folded and channels-last, as predict
     with rasterio.open(scene_path) as ds:
         image = ds.read()  # [3, H, W] uint8: the whole scene

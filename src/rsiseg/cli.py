@@ -229,13 +229,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _add_inference_mode(p: argparse.ArgumentParser) -> None:
     """The inference path of ``predict`` and ``eval`` (rsiseg.inference.fast)."""
     p.add_argument("--exact", action="store_true",
-                   help="run the checkpoint's modules unchanged; by default the batch norms are folded into their "
-                   "convolutions and the weights stored channels-last: the same outputs up to float rounding, faster")
+                   help="do not fold the batch norms into their convolutions nor store the weights channels-last "
+                   "(the default: the same outputs up to float rounding, faster)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="run the forward pass under autocast in this dtype: bf16 (CPU or CUDA) or fp16 (CUDA only); "
-                   "outputs stay float32 (default fp32)")
+                   help="run the backbone (or encoder) under autocast in this dtype: bf16 (CPU or CUDA) or fp16 "
+                   "(CUDA only); the heads, boxes, scores and masks stay float32 (default fp32)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the backbone with torch.compile (the first batch of each shape pays the compile)")
+                   help="compile the backbone (or encoder) with torch.compile (the first batch of each shape pays "
+                   "the compile)")
 
 
 def _add_tiling(p: argparse.ArgumentParser, *, predict: bool) -> None:

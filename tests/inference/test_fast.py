@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -86,24 +87,29 @@ def test_fast_prompt_model_keeps_its_fourier_weights_usable() -> None:
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_autocast_runs_the_convolutions_in_bf16_and_returns_float32() -> None:
+def test_bf16_autocast_runs_the_backbone_in_bf16_and_the_heads_in_float32() -> None:
     torch.manual_seed(0)
     model = build_model(tiny(box_score_thresh=0.0)).eval()
     image = torch.rand(3, 128, 128)
     with torch.no_grad():
         before = model([image])[0]
-    seen: list[torch.dtype] = []
-    model.backbone.body.conv1.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    seen: dict[str, torch.dtype] = {}
+    model.backbone.body.conv1.register_forward_hook(lambda _m, _i, out: seen.update(conv1=out.dtype))
+    model.roi_heads.box_predictor.register_forward_hook(lambda _m, _i, out: seen.update(box=out[1].dtype))
     FastOptions(fold=False, precision="bf16").apply(model, torch.device("cpu"))
     with torch.no_grad():
         after = model([image])[0]
-    assert seen == [torch.bfloat16]
+    assert seen == {"conv1": torch.bfloat16, "box": torch.float32}  # box deltas, decoding and scores in float32
     assert {k: v.dtype for k, v in after.items() if v.is_floating_point()} == {
         "boxes": torch.float32, "scores": torch.float32, "roi_masks": torch.float32}
     assert len(after["scores"]) > 0
     assert after["scores"].max() == pytest.approx(before["scores"].max().item(), abs=0.05)
+    copied = copy.deepcopy(model)  # the wrapped forward is a bound method: a copy runs its own backbone
+    assert copied.backbone.forward.__self__ is copied.backbone
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         FastOptions(precision="fp16").apply(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="backbone or encoder, which Sequential does not have"):
+        FastOptions(compile=True).apply(nn.Sequential(nn.Conv2d(3, 3, 1)), torch.device("cpu"))
 
 
 def test_compiled_backbone_gives_the_same_outputs() -> None:
@@ -134,5 +140,7 @@ def test_predict_precision_options(untrained_checkpoint: str, tmp_path: Path, ca
     assert "--precision fp16 needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "fp16").exists()
     assert main([*args, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
-    results = json.loads((tmp_path / "bf16" / "predictions.json").read_text())
-    assert results and all(isinstance(r["score"], float) for r in results)
+    assert main([*args, "--out", str(tmp_path / "fp32")]) == 0
+    bf16, fp32 = (sorted((r["score"] for r in json.loads((tmp_path / run / "predictions.json").read_text())),
+                         reverse=True) for run in ("bf16", "fp32"))
+    assert bf16 and fp32 and bf16[0] == pytest.approx(fp32[0], abs=0.02)

@@ -21,6 +21,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 from torch import nn
 
+from rsiseg.commands.predict_tiled import tiled_overrides
 from rsiseg.data.io import ImageReadError
 from rsiseg.data.tiling import patch_windows
 from rsiseg.inference.geo_export import item_polygon, write_vectors
@@ -329,25 +330,43 @@ def test_memory_stays_bounded_on_an_8k_scene(tmp_path: Path) -> None:
     assert peak_8k < 8192 * 8192 * 3 / 2, f"peak {peak_8k / 2**20:.0f} MiB"  # under half the 3-band scene
 
 
-def test_tiled_score_floor_keeps_the_same_detections(untrained_checkpoint: str) -> None:
-    """predict --tiled raises the model's box_score_thresh to --score-threshold (the mask head then skips
-    what would be dropped): the detections at or above it, boxes, scores and masks, are those of the low floor."""
-    from rsiseg.checkpoint import load_checkpoint
-    from rsiseg.commands.predict_tiled import tiled_overrides
-    from rsiseg.data.synthetic import generate_scene
-    from rsiseg.inference.predictor import model_from_state, predict_images
+@pytest.mark.parametrize("name", ["maskrcnn_r18_fpn", "cascade_maskrcnn_r18_fpn", "yolact_r18", "relact_r18"])
+def test_raised_score_floor_keeps_the_same_detections(name: str) -> None:
+    """predict --tiled raises the model's box_score_thresh to just under --score-threshold (the mask head then
+    skips what would be dropped): the detections at or above it, boxes, scores and masks, are those of the low floor."""
+    from dataclasses import replace
 
-    state = load_checkpoint(untrained_checkpoint)
+    from rsiseg.config import ExperimentConfig, YolactConfig, to_dict
+    from rsiseg.data.synthetic import generate_scene
+    from rsiseg.inference.predictor import predict_images
+    from rsiseg.models.registry import build_model
+    from tests.models.test_mask_rcnn import tiny
+
+    yolact = YolactConfig(sorting="quality") if name == "relact_r18" else YolactConfig()
+    cfg = tiny(name=name.replace("relact", "yolact"), box_score_thresh=0.0, min_size=256, max_size=256,
+               num_classes=5, yolact=replace(yolact, phase=replace(yolact.phase, enabled=name == "relact_r18")))
+    torch.manual_seed(0)
+    low_model = build_model(cfg).eval()
     image = torch.from_numpy(generate_scene(np.random.default_rng(3), 256)[0]).permute(2, 0, 1).float() / 255
-    low = predict_images(model_from_state(state, "cpu", {"box_score_thresh": 0.0}).model, [image], torch.device("cpu"))[0]
-    floor = float(low["scores"].median())
-    args = SimpleNamespace(max_detections=None, score_threshold=floor, checkpoint=untrained_checkpoint)
-    overrides = tiled_overrides(args, state)
-    assert list(overrides) == ["box_score_thresh"] and floor - 1e-6 < overrides["box_score_thresh"] < floor
-    high = predict_images(model_from_state(state, "cpu", overrides).model, [image], torch.device("cpu"))[0]
-    kept = low["scores"] >= floor
-    assert 0 < len(high["scores"]) < len(low["scores"])
+    low = predict_images(low_model, [image], torch.device("cpu"))[0]
+    threshold = float(low["scores"].median())
+    args = SimpleNamespace(max_detections=None, score_threshold=threshold, checkpoint="model.pth")
+    overrides = tiled_overrides(args, {"config": to_dict(ExperimentConfig(model=replace(cfg, box_score_thresh=0.05)))})
+    assert list(overrides) == ["box_score_thresh"] and threshold - 1e-6 < overrides["box_score_thresh"] < threshold
+    high_model = build_model(replace(cfg, **overrides)).eval()
+    high_model.load_state_dict(low_model.state_dict())
+    high = predict_images(high_model, [image], torch.device("cpu"))[0]
+    kept, high_kept = low["scores"] >= threshold, high["scores"] >= threshold  # what the tiled path keeps
+    assert 0 < int(kept.sum()) < len(low["scores"])  # (RELACT may return more under it: its floor is on confidence)
     for key in ("boxes", "labels", "scores", "roi_masks"):
-        torch.testing.assert_close(high[key], low[key][kept])
-    assert tiled_overrides(SimpleNamespace(max_detections=7, score_threshold=0.0, checkpoint="c"), state) == {
-        "detections_per_img": 7}  # a threshold under the stored floor leaves the floor alone
+        torch.testing.assert_close(high[key][high_kept], low[key][kept])
+
+
+def test_tiled_overrides_leave_a_higher_stored_floor(untrained_checkpoint: str) -> None:
+    from rsiseg.checkpoint import load_checkpoint
+
+    state = load_checkpoint(untrained_checkpoint)  # its box_score_thresh is the default 0.05
+    args = SimpleNamespace(max_detections=7, score_threshold=0.0, checkpoint=untrained_checkpoint)
+    assert tiled_overrides(args, state) == {"detections_per_img": 7}
+    assert tiled_overrides(SimpleNamespace(max_detections=None, score_threshold=0.3, checkpoint="c"), state) == {
+        "box_score_thresh": pytest.approx(0.3, abs=1e-7)}

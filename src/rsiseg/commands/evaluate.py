@@ -116,6 +116,9 @@ def _eval_prompted(args: argparse.Namespace, state: dict[str, Any] | None, cfg: 
     dataset = task.dataset(cfg, ann, images)
     dist = init_distributed(args.device)  # under torchrun: each process prompts every N-th image
     device = select_device(rank_device_name(dist, args.device))
+    if args.precision != "fp32" or args.compile:
+        raise ValueError("--precision and --compile apply to instance and semantic models; a prompted model runs "
+                         "unchanged")
     if state is not None:
         model = model_from_state(state, str(device), source=args.checkpoint).model
     else:
@@ -149,7 +152,8 @@ def _eval_semantic(args: argparse.Namespace, state: dict[str, Any], cfg: Experim
     task = get_task("semantic")
     dataset = task.dataset(cfg, images, labels)
     dist = init_distributed(args.device)  # under torchrun: each process evaluates every N-th image
-    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint, fast=FastOptions.from_args(args))
+    loaded = model_from_state(state, rank_device_name(dist, args.device), source=args.checkpoint,
+                              fast=FastOptions.from_args(args))
     if list(loaded.class_names) != list(dataset.class_names):
         raise ValueError(f"{args.checkpoint} predicts the classes {loaded.class_names} but the labels in {labels} "
                          f"have {dataset.class_names}")

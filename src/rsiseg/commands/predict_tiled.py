@@ -95,9 +95,12 @@ def tiled_overrides(args: argparse.Namespace, state: dict[str, Any]) -> dict[str
 
     The tiled path drops every detection below ``--score-threshold`` (the non-tiled one counts them in its
     report), so the mask head need not run on them: on the R50 model at 256 px tiles it ran on 5x the kept
-    detections and took 80% of the time. The kept detections do not change: the floor is applied before the
-    class-wise NMS and the top-``detections_per_img`` cut, and neither lets a lower score remove a higher one.
-    The floor is one float32 step under the threshold, since torchvision keeps scores strictly above its floor.
+    detections and took 80% of the time. The kept detections do not change (up to float rounding at the NMS
+    threshold and ties): the floor is applied before the class-wise NMS and the top-``detections_per_img``
+    cut, and neither lets a lower score remove a higher one; YOLACT's ranking score is never above the class
+    confidence its floor applies to. The floor is one float32 step under the threshold, since torchvision keeps
+    scores strictly above its floor (the scores are float32 under ``--precision`` too: only the backbone runs
+    in it).
     """
     overrides: dict[str, Any] = {"detections_per_img": args.max_detections} if args.max_detections else {}
     floor = float(np.nextafter(np.float32(args.score_threshold), np.float32(-np.inf)))

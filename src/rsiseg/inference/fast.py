@@ -10,13 +10,16 @@ stems and blocks). Norms with extra behaviour (timm's ``BatchNormAct2d``, GroupN
 Channels-last weights make the convolutions after them run in NHWC, which oneDNN (CPU) and cuDNN
 favour; measured in ``bench/bench_fast_inference.py``.
 
-Two further options, off by default until a GPU run of that bench shows where they pay:
+Two further options act on the feature extractor only (the ``backbone`` with its FPN, or a semantic
+model's ``encoder``), where the convolutions' time goes; off by default until a GPU run of that bench
+shows where they pay:
 
-* ``precision``: the forward pass under ``torch.autocast`` in bf16 (CPU or CUDA) or fp16 (CUDA), its
-  floating outputs returned as float32. Only ``forward`` is wrapped: the cached-image prompt path of
-  :class:`~rsiseg.inference.predictor.Predictor` still runs in float32.
-* ``compile``: the backbone (with its FPN) through ``torch.compile``, in place, so the state dict's
-  keys and the model's attributes do not change. The first batch of each new shape pays the compile.
+* ``precision``: the feature extractor under ``torch.autocast`` in bf16 (CPU or CUDA) or fp16 (CUDA),
+  its features handed on as float32. The heads, box decoding, softmax, NMS and mask paste stay in
+  float32: bf16 box coordinates would sit on a 4 px grid at 800 px, and bf16 scores would round the
+  score threshold.
+* ``compile``: the feature extractor through ``torch.compile``, in place, so the state dict's keys and
+  the model's attributes do not change. The first batch of each new shape pays the compile.
 
 The folded model is for inference only: its state dict differs from the checkpoint's.
 """
@@ -25,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import re
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +38,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FrozenBatchNorm2d
 
-log = logging.getLogger(__name__)
-
 _FOLDABLE = (nn.BatchNorm2d, FrozenBatchNorm2d)
+_CONV_NAME = re.compile(r"conv(\d+)$")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,8 +49,8 @@ class FastOptions:
 
     Attributes:
         fold: batch norms folded into their convolutions and convolution weights channels-last (off with ``--exact``).
-        precision: ``fp32``, or the autocast dtype of the forward pass (``bf16``, ``fp16`` on CUDA only).
-        compile: the backbone through ``torch.compile``.
+        precision: ``fp32``, or the autocast dtype of the feature extractor (``bf16``, ``fp16`` on CUDA only).
+        compile: the feature extractor through ``torch.compile``.
     """
 
     fold: bool = True
@@ -64,22 +66,23 @@ class FastOptions:
         """Prepare the eval-mode ``model`` on ``device`` in place; returns it.
 
         Raises:
-            ValueError: an unknown precision, or fp16 off CUDA (CPU autocast runs bf16).
+            ValueError: an unknown precision, fp16 off CUDA (CPU autocast runs bf16), or ``precision`` or
+                ``compile`` asked of a model without a feature extractor.
         """
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"--precision fp16 needs a CUDA device (got {device}); on CPU use bf16")
+        dtype = PRECISIONS[self.precision]
+        features = feature_extractor(model) if dtype is not None or self.compile else None
         model.eval()
         if self.fold:
             prepare_for_inference(model, channels_last=True)
-        dtype = PRECISIONS[self.precision]
         if dtype is not None:
-            run_under_autocast(model, device.type, dtype)
+            run_under_autocast(features, device.type, dtype)
         if self.compile:
-            compile_backbone(model)
+            features.compile()
         return model
-_CONV_NAME = re.compile(r"conv(\d+)$")
 
 
 def _foldable_norm(module: nn.Module) -> bool:
@@ -142,18 +145,35 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = False) -> dict
     return {"folded": folded, "channels_last": channels_last}
 
 
-def run_under_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Make ``model``'s forward run under ``torch.autocast(device_type, dtype)``, its floating outputs cast back
-    to float32 (boxes, scores and masks keep the dtype callers expect)."""
-    forward = model.forward
+FEATURE_EXTRACTORS = ("backbone", "encoder")  # the attribute naming it: R-CNNs and YOLACT, semantic models
 
-    @functools.wraps(forward)
-    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype):
-            out = forward(*args, **kwargs)
-        return _as_float32(out)
 
-    model.forward = autocast_forward
+def feature_extractor(model: nn.Module) -> nn.Module:
+    """The module of ``model`` that ``precision`` and ``compile`` act on.
+
+    Raises:
+        ValueError: the model has none of :data:`FEATURE_EXTRACTORS`.
+    """
+    for name in FEATURE_EXTRACTORS:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"--precision and --compile act on a model's {' or '.join(FEATURE_EXTRACTORS)}, which "
+                     f"{type(model).__name__} does not have: run it without them")
+
+
+def run_under_autocast(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Make ``module``'s forward run under ``torch.autocast(device_type, dtype)`` and return its floating
+    outputs as float32, so what follows it runs in float32. Bound as a method: a deep copy rebinds it."""
+    module.forward = types.MethodType(functools.partial(_autocast_forward, type(module).forward, device_type, dtype),
+                                      module)
+
+
+def _autocast_forward(forward: Any, device_type: str, dtype: torch.dtype, module: nn.Module, *args: Any,
+                      **kwargs: Any) -> Any:
+    with torch.autocast(device_type, dtype=dtype):
+        out = forward(module, *args, **kwargs)
+    return _as_float32(out)
 
 
 def _as_float32(out: Any) -> Any:
@@ -161,17 +181,7 @@ def _as_float32(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out.float() if out.is_floating_point() else out
     if isinstance(out, dict):
-        return {k: _as_float32(v) for k, v in out.items()}
+        return type(out)((k, _as_float32(v)) for k, v in out.items())
     if isinstance(out, (list, tuple)):
         return type(out)(_as_float32(v) for v in out)
     return out
-
-
-def compile_backbone(model: nn.Module) -> bool:
-    """``torch.compile`` the model's ``backbone`` in place; False (with a warning) when it has none."""
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        log.warning("%s has no backbone attribute: --compile leaves it as it is", type(model).__name__)
-        return False
-    backbone.compile()
-    return True
