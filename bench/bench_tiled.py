@@ -3,6 +3,7 @@
 Usage: .venv/bin/python bench/bench_tiled.py --checkpoint runs/demo/train/last.pth
            [--sizes 4096 8192 16384] [--modes tiled naive] [--naive-max 8192] [--tile 256 --overlap 64]
            [--batch 4] [--data-dir /tmp/rsiseg_bench_tiled] [--out /tmp/bench_tiled.json] [--timeout 3000]
+           [--device cuda]  (adds peak_gpu_mb: torch.cuda.max_memory_allocated)
 
 Scenes are square uint8 RGB GeoTIFFs (EPSG:32633, 0.5 m pixels, 256 px internal tiles), painted
 with the synthetic aerial generator (a pool of 64 cells of 256 px placed by a seeded draw, about
@@ -72,7 +73,7 @@ def run_tiled(args: argparse.Namespace, scene_path: Path) -> dict:
         code = cli_main(["-q", "predict", "--checkpoint", args.checkpoint, str(scene_path), "--tiled", "--out", out,
                          "--tile-size", str(args.tile), "--tile-overlap", str(args.overlap),
                          "--tile-batch", str(args.batch), "--score-threshold", str(args.score_threshold),
-                         "--max-detections", "300", "--device", "cpu"])
+                         "--max-detections", "300", "--device", args.device])
         if code != 0:
             raise RuntimeError(f"rsiseg predict --tiled exited with {code}")
         entry = json.loads((Path(out) / "images.json").read_text())["images"][0]
@@ -94,7 +95,7 @@ def run_naive(args: argparse.Namespace, scene_path: Path) -> dict:
 
     state = load_checkpoint(args.checkpoint)
     options = SimpleNamespace(max_detections=300, score_threshold=args.score_threshold, checkpoint=args.checkpoint)
-    loaded = model_from_state(state, "cpu", tiled_overrides(options, state),  # the model options of predict --tiled
+    loaded = model_from_state(state, args.device, tiled_overrides(options, state),  # the model options of predict --tiled
                               fast=FastOptions())  # folded and channels-last, as predict
     with rasterio.open(scene_path) as ds:
         image = ds.read()  # [3, H, W] uint8: the whole scene
@@ -133,6 +134,8 @@ def worker(args: argparse.Namespace) -> None:
     out.update(seconds=round(seconds, 2), tiles_per_s=round(out["tiles"] / seconds, 3),
                megapixels_per_s=round(size * size / 1e6 / seconds, 3), peak_rss_mb=round(peak_mb()),
                rss_before_mb=round(before))
+    if args.device.startswith("cuda"):
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
 
 
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--data-dir", default="/tmp/rsiseg_bench_tiled")
     parser.add_argument("--out", default="/tmp/bench_tiled.json")
     parser.add_argument("--timeout", type=int, default=3000)
@@ -166,7 +170,8 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--worker", mode, "--scene", str(scene), "--checkpoint", args.checkpoint,
                    "--tile", str(args.tile), "--overlap", str(args.overlap), "--batch", str(args.batch),
-                   "--score-threshold", str(args.score_threshold), "--threads", str(args.threads)]
+                   "--score-threshold", str(args.score_threshold), "--threads", str(args.threads),
+                   "--device", args.device]
             try:
                 proc = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
                 row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
