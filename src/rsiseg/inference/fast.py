@@ -11,8 +11,9 @@ Channels-last weights make the convolutions after them run in NHWC, which oneDNN
 favour; measured in ``bench/bench_fast_inference.py``.
 
 Two further options act on the feature extractor only (the ``backbone`` with its FPN, or a semantic
-model's ``encoder``), where the convolutions' time goes; off by default until a GPU run of that bench
-shows where they pay:
+model's ``encoder``), where the convolutions' time goes. Both are off by default: on the dev CPU (with
+avx512_bf16) bf16 ran 1.3-1.5x faster but moved AP by up to 0.17, compile gave 1.03-1.10x
+(BENCHMARKS.md), and no GPU has measured them yet:
 
 * ``precision``: the feature extractor under ``torch.autocast`` in bf16 (CPU or CUDA) or fp16 (CUDA),
   its features handed on as float32. The heads, box decoding, softmax, NMS and mask paste stay in
