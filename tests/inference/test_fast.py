@@ -30,6 +30,15 @@ def randomise_norms(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
 
 
+def tiny_with_reference(**cfg: object) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    """A seeded tiny eval-mode model (every detection kept), a random 128 px image and the model's output on it."""
+    torch.manual_seed(0)
+    model = build_model(tiny(box_score_thresh=0.0, **cfg)).eval()
+    image = torch.rand(3, 128, 128)
+    with torch.no_grad():
+        return model, image, model([image])[0]
+
+
 @pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
 def test_folded_model_gives_the_same_outputs(norm: str) -> None:
     torch.manual_seed(0)
@@ -75,11 +84,7 @@ def test_only_certain_pairs_are_folded() -> None:
 
 def test_fast_prompt_model_keeps_its_fourier_weights_usable() -> None:
     """Channels-last applies to convolution weights only: the LPM's Fourier filter still runs."""
-    torch.manual_seed(0)
-    model = build_model(tiny(name="maskrcnn_r18_prompt", box_score_thresh=0.0)).eval()
-    image = torch.rand(3, 128, 128)
-    with torch.no_grad():
-        before = model([image])[0]
+    model, image, before = tiny_with_reference(name="maskrcnn_r18_prompt")
     prepare_for_inference(model, channels_last=True)
     with torch.no_grad():
         after = model([image])[0]
@@ -88,11 +93,7 @@ def test_fast_prompt_model_keeps_its_fourier_weights_usable() -> None:
 
 
 def test_bf16_autocast_runs_the_backbone_in_bf16_and_the_heads_in_float32() -> None:
-    torch.manual_seed(0)
-    model = build_model(tiny(box_score_thresh=0.0)).eval()
-    image = torch.rand(3, 128, 128)
-    with torch.no_grad():
-        before = model([image])[0]
+    model, image, before = tiny_with_reference()
     seen: dict[str, torch.dtype] = {}
     model.backbone.body.conv1.register_forward_hook(lambda _m, _i, out: seen.update(conv1=out.dtype))
     model.roi_heads.box_predictor.register_forward_hook(lambda _m, _i, out: seen.update(box=out[1].dtype))
@@ -113,11 +114,7 @@ def test_bf16_autocast_runs_the_backbone_in_bf16_and_the_heads_in_float32() -> N
 
 
 def test_compiled_backbone_gives_the_same_outputs() -> None:
-    torch.manual_seed(0)
-    model = build_model(tiny(box_score_thresh=0.0)).eval()
-    image = torch.rand(3, 128, 128)
-    with torch.no_grad():
-        before = model([image])[0]
+    model, image, before = tiny_with_reference()
     keys = set(model.state_dict())
     FastOptions(fold=False, compile=True).apply(model, torch.device("cpu"))
     assert set(model.state_dict()) == keys  # compiled in place: checkpoints and attributes unchanged
