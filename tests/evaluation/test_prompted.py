@@ -77,15 +77,34 @@ def test_before_is_plain_evaluation_and_missed_are_prompted(loaded: LoadedModel,
 
 
 def test_prompting_exact_boxes_raises_ap(loaded: LoadedModel, val_set: CocoInstanceDataset) -> None:
-    """With the most frequent ground-truth class made to win every box, its prompted exact boxes are true positives."""
+    """With the most frequent ground-truth class made to win every box and masks that fill their boxes, the
+    prompted instances are true positives in box AP (the boxes of their masks)."""
     model = copy.deepcopy(loaded.model)
     counts = Counter(a["category_id"] for anns in val_set.index.anns_by_image.values() for a in anns)
     label = val_set.index.category_to_label[counts.most_common(1)[0][0]]
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[label] += 20.0
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(5.0)  # masks that fill their boxes
     report = evaluate_with_missed_prompts(model, val_set, loaded.config.eval, loaded.device, progress=False)
-    assert report["missed"] > 0 and report["prompted_correct_class"] > 0
-    assert report["after"]["bbox"]["AP50"] > report["before"]["bbox"]["AP50"]
+    assert report["missed"] > 0 and report["prompted_correct_class"] > 0 and report["prompted_empty_masks"] == 0
+    assert report["after"]["bbox"]["AP50"] > report["before"]["bbox"]["AP50"]  # the boxes of the filled masks
+
+
+def test_prompted_boxes_are_their_masks_not_the_ground_truth(loaded: LoadedModel, val_set: CocoInstanceDataset,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompted instance scores in box AP with its mask's box: a mask that never comes out adds nothing."""
+    from rsiseg.evaluation import prompted
+
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(-20.0)  # every prompted mask empty
+    scored = []
+    monkeypatch.setattr(prompted, "evaluate_coco", lambda gt, results, **kw: scored.append(results) or {})
+    report = evaluate_with_missed_prompts(model, val_set, loaded.config.eval, loaded.device, progress=False)
+    before, after = scored
+    added = after[len(before):]
+    assert len(added) == report["missed"] == report["prompted_empty_masks"] > 0
+    assert all(entry["bbox"] == [0.0, 0.0, 0.0, 0.0] for entry in added)
 
 
 def test_a_model_without_roi_heads_is_refused(loaded: LoadedModel, val_set: CocoInstanceDataset) -> None:

@@ -32,14 +32,31 @@ def test_segment_encodes_an_image_once(untrained_checkpoint: str, monkeypatch: p
     assert torch.allclose(first["roi_masks"][0], second["roi_masks"][0], atol=1e-5)  # batched RoIs: float noise
     assert torch.allclose(second["roi_masks"][1], third["roi_masks"][0], atol=1e-5)
     assert second["image_size"].tolist() == [100, 120]
-    predictor.segment(image.copy(), boxes=[[0, 0, 5, 5]])  # another image object: encoded again
+    predictor.segment(image.copy(), boxes=[[0, 0, 5, 5]])  # another object of the same values: the cache
+    assert len(calls) == 1
+    image[:10] = 0  # changed in place: encoded again
+    changed = predictor.segment(image, boxes=[[10, 10, 50, 40]])
+    assert len(calls) == 2 and not torch.equal(changed["roi_masks"], first["roi_masks"])
+    tensor = torch.from_numpy(image).permute(2, 0, 1)  # uint8 [C, H, W]: scaled as the array is
+    assert torch.equal(predictor.segment(tensor, boxes=[[10, 10, 50, 40]])["roi_masks"], changed["roi_masks"])
     assert len(calls) == 2
+    as_float = tensor.float().div(255)
+    predictor.segment(as_float, boxes=[[0, 0, 5, 5]])
+    assert len(calls) == 2  # the same values as a float tensor
+    as_float[0, :5] = 1.0
+    predictor.segment(as_float, boxes=[[0, 0, 5, 5]])
+    assert len(calls) == 3
+    as_float[1, :5] = 1.0  # the encoded tensor itself changed in place: the predictor compares with its copy
+    predictor.segment(as_float, boxes=[[0, 0, 5, 5]])
+    assert len(calls) == 4
 
 
 def test_segment_refuses_bad_prompts(untrained_checkpoint: str) -> None:
     predictor = Predictor.from_checkpoint(untrained_checkpoint, "cpu")
     with pytest.raises(ValueError, match="needs an image"):
         predictor.segment(boxes=[[0, 0, 5, 5]])
+    with pytest.raises(ValueError, match=r"\[C, H, W\] with C = model.in_channels = 3: got shape \(64, 64, 3\)"):
+        predictor.segment(torch.rand(64, 64, 3), boxes=[[0, 0, 5, 5]])
     image = torch.rand(3, 64, 64)
     with pytest.raises(ValueError, match="box prompts only"):
         predictor.segment(image, points=[[3, 3]])
@@ -63,6 +80,10 @@ def test_parse_boxes(tmp_path: Path) -> None:
         parse_boxes([str(bad)])
     with pytest.raises(ValueError, match="expected x1,y1,x2,y2"):
         parse_boxes(["1,2,3"])
+    image = tmp_path / "scene.png"
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match="give IMAGE before --boxes"):  # `--boxes 1,2,3,4 scene.png`
+        parse_boxes(["1,2,3,4", str(image)])
 
 
 def test_prompt_command_writes_one_entry_per_box(untrained_checkpoint: str, tmp_path: Path,
@@ -104,6 +125,7 @@ def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Pat
     assert (stored[1]["lpm"], stored[1]["gpm"], stored[1]["parea_weight"]) == (True, True, 0.5)
     markdown = (out / "ablation.md").read_text()
     assert "| variant | box AP |" in markdown and "| all |" in markdown
+    assert "model.prompt.gt_prompt_ratio 0.25 in every variant" in markdown
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished variant was trained again")

@@ -234,6 +234,11 @@ def test_mismatched_stage_lists_name_the_field(overrides: dict, field: str) -> N
         build_cascade_maskrcnn_r18_fpn(tiny(cascade=cascade))
 
 
+def test_single_stage_ious_are_refused_not_ignored() -> None:
+    with pytest.raises(ValueError, match=r"model.roi_fg_iou is 0.6, but .* model.cascade.stage_ious \(now \[0.5, 0.6, 0.7\]\)"):
+        build_cascade_maskrcnn_r18_fpn(tiny(roi_fg_iou=0.6))
+
+
 def test_stage_heads_must_match_the_stages() -> None:
     with pytest.raises(ValueError, match="2 stage heads .* 3 stages"):
         make_heads(stage_heads=cascade_stage_heads(TwoMLPHead(CHANNELS * 49, 32), CLASSES, 2))

@@ -88,11 +88,13 @@ def test_gt_prompts_add_a_share_of_instances_matched_to_themselves() -> None:
     assert (out_rois[0][3:] - targets[0]["boxes"][:2]).abs().max() <= 0.5 + 1e-6
 
 
-def test_switches_off_is_exactly_the_baseline() -> None:
+@pytest.mark.parametrize("names", [("maskrcnn_r18_fpn", "maskrcnn_r18_prompt"),
+                                   ("cascade_maskrcnn_r18_fpn", "cascade_maskrcnn_r18_prompt")])
+def test_switches_off_is_exactly_the_baseline(names: tuple[str, str]) -> None:
     torch.manual_seed(0)
-    baseline = build_model(tiny())
+    baseline = build_model(tiny(name=names[0]))
     torch.manual_seed(0)
-    prompt_off = build_model(tiny(name="maskrcnn_r18_prompt", prompt=OFF))
+    prompt_off = build_model(tiny(name=names[1], prompt=OFF))
     a, b = baseline.state_dict(), prompt_off.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)]
@@ -107,6 +109,78 @@ def test_switches_off_is_exactly_the_baseline() -> None:
     outputs = [model.eval()(images) for model in (baseline, prompt_off)]
     for x, y in zip(*outputs):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_r18_prompt", "cascade_maskrcnn_r18_prompt"])
+def test_prompt_modules_leave_the_baseline_initialisation(name: str) -> None:
+    """An ablation's variants differ in their switches, not in the random start of the parts they share."""
+    states, draws = [], []
+    for prompt in ({"lpm": False, "gpm": False}, {"fuse": "mask_box"}):
+        torch.manual_seed(0)
+        states.append(build_model(prompt_cfg(name, **prompt)).state_dict())
+        draws.append(torch.rand(3))  # what training draws next
+    off, on = states
+    assert set(off) < set(on) and all(torch.equal(off[k], on[k]) for k in off)
+    assert torch.equal(*draws)
+
+
+def test_prompts_of_an_image_do_not_depend_on_its_batch() -> None:
+    from rsiseg.models.layers.box_prompting import prompt_context
+
+    torch.manual_seed(0)
+    model = build_model(prompt_cfg()).eval()
+    small, large = torch.rand(3, 80, 120), torch.rand(3, 128, 96)  # padded together, the small one gains a border
+    boxes = torch.tensor([[5.0, 10.0, 60.0, 70.0], [40.0, 0.0, 120.0, 30.0]])
+    prompter = model.roi_heads.prompter
+    maps = []
+    for images in ([small], [small, large]):
+        batch, _ = model.transform(images)
+        rois = boxes * batch.image_sizes[0][0] / 80  # into the network input
+        extra = [torch.zeros(0, 4)] * (len(images) - 1)
+        maps.append(prompter.prompt_map([rois, *extra], prompt_context(model, images, batch)))
+    torch.testing.assert_close(maps[0], maps[1])
+
+
+def test_local_prompts_crop_the_image_at_its_own_resolution() -> None:
+    from torchvision.models.detection.transform import resize_boxes
+
+    from rsiseg.models.layers.box_prompting import prompt_context
+
+    torch.manual_seed(0)
+    model = build_model(prompt_cfg(gpm=False)).eval()
+    image = torch.rand(3, 2 * SIZE, 3 * SIZE)  # not square: the transform shrinks it to fit SIZE
+    batch, _ = model.transform([image])
+    resized = tuple(batch.image_sizes[0])
+    assert resized == (85, SIZE)
+    context = prompt_context(model, [image], batch)
+    assert context.images.shape[-2:] == image.shape[-2:]
+    rois = torch.tensor([[4.0, 6.0, 30.0, 20.0], [60.0, 40.0, 120.0, 80.0]])  # network-input pixels
+    lpm = model.roi_heads.prompter.lpm
+    tokens = lpm(model.transform.normalize(image)[None], [resize_boxes(rois, resized, tuple(image.shape[-2:]))])
+    side = int(tokens.shape[1] ** 0.5)
+    expected = tokens.transpose(1, 2).reshape(len(rois), -1, side, side)
+    torch.testing.assert_close(model.roi_heads.prompter.prompt_map([rois], context), expected)
+    assert not torch.allclose(lpm(batch.tensors, [rois]), tokens, atol=1e-4)  # the old crops of the network input
+
+
+def test_prompt_model_answers_box_prompts_and_refuses_degenerate_targets() -> None:
+    torch.manual_seed(0)
+    model = build_model(prompt_cfg()).eval()
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 80)]
+    prompts = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])}, {"boxes": torch.zeros(0, 4)}]
+    answers = model(images, prompts=prompts)
+    expected = segment_boxes(model, encode_images(model, images), [p["boxes"] for p in prompts])
+    assert [len(a["labels"]) for a in answers] == [1, 0]
+    torch.testing.assert_close(answers[0]["roi_masks"], expected[0]["roi_masks"])
+    with pytest.raises(ValueError, match="box prompts only"):
+        model(images[:1], prompts=[{"boxes": torch.zeros(0, 4), "points": torch.zeros(0, 2)}])
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        model(images, prompts=prompts)
+    bad = target(2)
+    bad["boxes"][1, 2] = bad["boxes"][1, 0]
+    with pytest.raises(ValueError, match=r"positive width and height: target 1 has .*\(1 such boxes\)"):
+        model([torch.rand(3, SIZE, SIZE)] * 2, [target(1), bad])
 
 
 @pytest.mark.parametrize("name", ["maskrcnn_r18_prompt", "cascade_maskrcnn_r18_prompt"])
@@ -139,7 +213,7 @@ def test_gated_fusion_starts_as_the_unprompted_features() -> None:
     images = torch.rand(1, 3, 64, 64)
     features = torch.rand(2, 8, 14, 14)
     boxes = [torch.tensor([[0.0, 0, 20, 20], [10.0, 10, 60, 40]])]
-    context = fusion.encode(images)
+    context = fusion.encode(images, [(64, 64)], [(64, 64)])
     assert torch.equal(fusion("mask", features, boxes, context), features)
     assert torch.equal(fusion("box", features[:, :, :7, :7], boxes, context), features[:, :, :7, :7])  # not fused
     with torch.no_grad():

@@ -143,7 +143,7 @@ def test_prompt_models_explain_the_prompted_logit(image: torch.Tensor) -> None:
         dets, cams = instance_cams(model, image, "fpn", detections=given)
     assert cams.shape == (2, 128, 128) and (dets["peaks"] > 0).all()
     batch, features, rois = _network_input(model, image, given["boxes"])
-    context = prompt_context(model, batch.tensors)
+    context = prompt_context(model, [image], batch)
     heads = model.roi_heads
     logits = box_class_logits(heads, features, rois, batch.image_sizes, context)
     torch.testing.assert_close(logits.softmax(-1), heads.box_class_probs(features, rois, batch.image_sizes, context))

@@ -9,7 +9,11 @@ the same schedule, data and seed; only the family's switches differ (:data:`ABLA
   ``model.yolact.phase.enabled`` and ``model.yolact.sorting`` (``confidence`` or ``quality``).
 
 Each run is a normal run folder ``DIR/<variant>``; a finished one is reused, so an interrupted ablation
-continues where it stopped. Every other option stays as the config sets it. Writes ``DIR/ablation.md``
+continues where it stopped. Every other option stays as the config sets it: the prompt family's
+``baseline`` is the prompt model with its modules and area loss off, still trained with the config's
+jittered ground-truth box prompts (``model.prompt.gt_prompt_ratio``), so each row differs from it by
+its switches alone; ``gt_prompt_ratio=0`` as an override gives the plain R-CNN's training. The table
+names that ratio. Writes ``DIR/ablation.md``
 and ``DIR/ablation.json``: box AP/AP50/AP75, mask AP/AP50/AP75, mask APs/APm/APl, FPS (batch 1, the
 first validation image, on this run's device), parameters and GFLOPs at that image's size.
 """
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if foreign:
         raise ValueError(f"variant(s) {', '.join(foreign)} are not {ablation.section} variants; "
                          f"choose from {', '.join(ablation.variants)}")
+    if not base.data.val_ann:
+        raise ValueError(f"{args.config}: data.val_ann is not set; every variant is evaluated (and timed) on it")
     out = Path(args.out)
     configs = {name: variant_config(base, ablation, name, out) for name in names}  # every variant checked first
     rows = []
@@ -139,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"variant": name, "run": cfg.train.output_dir,
                      **{key: metric_value(metrics, key) for _, key in COLUMNS},
                      **speed_and_size(Path(cfg.train.output_dir) / "last.pth", args.device, args.speed_runs)})
-    write_ablation(out, args.config, rows)
+    held = f"model.prompt.gt_prompt_ratio {base.model.prompt.gt_prompt_ratio:g} in every variant" \
+        if ablation.section == "model.prompt" else ""
+    write_ablation(out, args.config, rows, held)
     print((out / "ablation.md").read_text())
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
     return 0
@@ -162,9 +170,11 @@ def speed_and_size(checkpoint: Path, device: str, runs: int) -> dict[str, Any]:
             "device": describe_device(loaded.device), "image_size": list(image.shape[-2:])}
 
 
-def write_ablation(out: Path, config: str, rows: list[dict[str, Any]]) -> None:
-    """``ablation.json`` and the Markdown table ``ablation.md`` (the papers' layout) of one row per variant."""
-    atomic_write(out / "ablation.json", lambda fh: fh.write(json.dumps({"config": str(config), "runs": rows}, indent=1)))
+def write_ablation(out: Path, config: str, rows: list[dict[str, Any]], held: str = "") -> None:
+    """``ablation.json`` and the Markdown table ``ablation.md`` (the papers' layout) of one row per variant;
+    ``held`` names a setting every variant shares that the reader must know (it ends the table's note)."""
+    record = {"config": str(config), "runs": rows, **({"held": held} if held else {})}
+    atomic_write(out / "ablation.json", lambda fh: fh.write(json.dumps(record, indent=1)))
     header = "| variant | " + " | ".join(label for label, _ in COLUMNS) + " | FPS | params (M) | GFLOPs |"
     lines = [header, "|---" * (len(COLUMNS) + 4) + "|"]
     for row in rows:
@@ -173,5 +183,5 @@ def write_ablation(out: Path, config: str, rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Config `{config}`; FPS at batch 1 on {rows[0]['device']} and GFLOPs of a {rows[0]['image_size'][1]}"
-                 f"x{rows[0]['image_size'][0]} validation image." if rows else "")
+                 f"x{rows[0]['image_size'][0]} validation image" + (f"; {held}." if held else ".") if rows else "")
     atomic_write(out / "ablation.md", lambda fh: fh.write("\n".join(lines) + "\n"))

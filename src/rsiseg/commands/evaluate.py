@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ def run_eval(args: argparse.Namespace) -> int:
     overrides = {"detections_per_img": min(top, 1000)} if top > cfg.model.detections_per_img else None
     if args.tiled:
         return _eval_tiled(args, state, overrides, ann, images, eval_cfg)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.prompt_missed and processes > 1:
+        raise ValueError(f"--prompt-missed runs in one process, but torchrun started {processes}: "
+                         "run `rsiseg eval --prompt-missed` without torchrun")
     dataset = CocoInstanceDataset(ann, images, in_channels=cfg.model.in_channels, repair=cfg.data.repair)
     dist = init_distributed(args.device)  # under torchrun: each process predicts every N-th image
     loaded = model_from_state(state, rank_device_name(dist, args.device), overrides, source=args.checkpoint,

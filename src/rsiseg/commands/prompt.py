@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a trained checkpoint: an R-CNN instance model (boxes) or PointSAM (points, boxes)")
     parser.add_argument("--boxes", nargs="+", metavar="BOX",
-                        help="x1,y1,x2,y2 in image pixels, or a JSON file with a list of boxes (or {\"boxes\": ...})")
+                        help="x1,y1,x2,y2 in image pixels, or a JSON file with a list of boxes (or {\"boxes\": ...}); "
+                        "give IMAGE before --boxes, and a box that starts with a minus sign as --boxes=-5,10,60,70")
     parser.add_argument("--points", nargs="+", metavar="POINT",
                         help="PointSAM: x,y[,label] in image pixels (label 1 object, 0 background), or a points "
                         "JSON / CSV / GeoJSON file (the rows of this image)")
@@ -59,7 +60,9 @@ def parse_boxes(values: list[str]) -> list[list[float]]:
         except ValueError:
             box = []
         if len(box) != 4:
-            raise ValueError(f"--boxes {value!r}: expected x1,y1,x2,y2 (four numbers) or a .json file")
+            hint = " (a file: give IMAGE before --boxes, whose values run to the next option)" \
+                if Path(value).is_file() else ""
+            raise ValueError(f"--boxes {value!r}: expected x1,y1,x2,y2 (four numbers) or a .json file{hint}")
         boxes.append(box)
     return boxes
 

@@ -25,6 +25,7 @@ from rsiseg.evaluation.coco import evaluate_coco
 from rsiseg.evaluation.metrics import percent
 from rsiseg.inference.export import prediction_to_coco
 from rsiseg.models.layers.box_prompting import detect_encoded, encode_images, segment_boxes
+from rsiseg.structures import rle_to_xywh
 
 
 def missed_instances(pred: dict[str, Tensor], gt_boxes: Tensor, gt_labels: Tensor, iou: float = 0.5,
@@ -99,6 +100,7 @@ def evaluate_with_missed_prompts(
         ``{"before": metrics, "after": metrics, "instances": non-crowd ground-truth instances,
         "missed": instances prompted, "missed_iou": iou, "missed_score_threshold": score_threshold,
         "prompted_correct_class": prompted instances given their ground-truth class,
+        "prompted_empty_masks": prompted instances whose mask came out empty,
         "results_before": automatic result count, "results_after": result count with the prompts}``;
         the metrics as from :func:`rsiseg.evaluation.coco.evaluate_coco`.
 
@@ -115,7 +117,7 @@ def evaluate_with_missed_prompts(
                "mask_threshold": eval_cfg.mask_threshold}
     before: list[dict[str, Any]] = []
     prompted: list[dict[str, Any]] = []
-    instances = missed = correct = 0
+    instances = missed = correct = empty = 0
     model.eval()
     # A private generator: the loader must not draw on the global RNG (as in iterate_predictions).
     loader = DataLoader(dataset.images_only(), batch_size=eval_cfg.batch_size, shuffle=False, num_workers=num_workers,
@@ -139,7 +141,11 @@ def evaluate_with_missed_prompts(
         for answer, gt_labels, image_id in zip(answers, prompt_labels, image_ids):
             answer = {k: v.cpu() for k, v in answer.items()}
             correct += int((answer["labels"] == gt_labels).sum())
-            prompted += prediction_to_coco(answer, image_id, **to_coco)
+            for entry in prediction_to_coco(answer, image_id, **to_coco):
+                # its mask's box, not the ground-truth box it was prompted with (box AP would score the ground truth)
+                entry["bbox"] = rle_to_xywh(entry["segmentation"])
+                empty += entry["area"] == 0
+                prompted.append(entry)
 
     gt = dataset.index.to_coco()
     settings = {"iou_types": tuple(eval_cfg.iou_types), "preset": eval_cfg.preset,
@@ -152,6 +158,7 @@ def evaluate_with_missed_prompts(
         "missed_iou": iou,
         "missed_score_threshold": score_threshold,
         "prompted_correct_class": correct,
+        "prompted_empty_masks": empty,
         "results_before": len(before),
         "results_after": len(before) + len(prompted),
     }
@@ -167,5 +174,6 @@ def format_prompted_table(report: dict[str, Any]) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", f"instances: {report['instances']}, missed (box IoU < {report['missed_iou']:g} with every "
               f"same-class detection scoring >= {report['missed_score_threshold']:g}) and prompted: "
-              f"{report['missed']}, prompted with the right class: {report['prompted_correct_class']}"]
+              f"{report['missed']}, prompted with the right class: {report['prompted_correct_class']}, with an empty mask: "
+              f"{report.get('prompted_empty_masks', 0)}; a prompted instance's box is its mask's bounding box"]
     return "\n".join(lines)

@@ -176,15 +176,15 @@ class Predictor:
     """A loaded model that answers detections and prompts image by image (``Predictor.segment``).
 
     Images are ``[H, W, C]`` arrays as :func:`rsiseg.data.io.read_image` gives them (any dtype,
-    bands matched to the model) or float ``[C, H, W]`` tensors in [0, 1]. :meth:`segment` encodes an
-    image once (backbone, FPN, the prompter's global part) and answers every later prompt on the
-    same image object from that cache, so a prompt costs only the RoI heads.
+    bands matched to the model) or ``[C, H, W]`` tensors (float in [0, 1], or integer, scaled by its
+    dtype's range). :meth:`segment` encodes an image once (backbone, FPN, the prompter's global part)
+    and answers every later prompt on an image of the same values from that cache, so a prompt costs
+    only the RoI heads (passing ``image=None`` also skips converting and comparing it).
     """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self._image: Any = None
-        self._image_size: tuple[int, int] = (0, 0)
+        self._tensor: torch.Tensor | None = None  # the encoded image, as the model took it
         self._encoded: Any = None  # EncodedImages, or a PointSam's Encoded
 
     @classmethod
@@ -193,11 +193,18 @@ class Predictor:
         return cls(load_model(checkpoint, device, overrides))
 
     def as_tensor(self, image: Any) -> torch.Tensor:
-        """The model's input for ``image``: float ``[C, H, W]`` on the model's device."""
+        """The model's input for ``image``: float ``[C, H, W]`` on the model's device.
+
+        Raises:
+            ValueError: a tensor that is not ``[C, H, W]`` with the model's band count.
+        """
+        bands = self.loaded.config.model.in_channels
         if isinstance(image, torch.Tensor):
-            tensor = image.float()
+            if image.dim() != 3 or image.shape[0] != bands:
+                raise ValueError(f"an image tensor must be [C, H, W] with C = model.in_channels = {bands}: got "
+                                 f"shape {tuple(image.shape)} (pass an [H, W, C] image as a numpy array)")
+            tensor = image.float() if image.is_floating_point() else torch.from_numpy(to_unit_float(image.cpu().numpy()))
         else:
-            bands = self.loaded.config.model.in_channels
             tensor = to_chw_tensor(to_unit_float(match_bands(np.asarray(image), bands, "image")))
         return tensor.to(self.loaded.device)
 
@@ -213,15 +220,35 @@ class Predictor:
     @torch.no_grad()
     def set_image(self, image: Any) -> None:
         """Encode ``image`` for the prompts that follow."""
-        tensor = self.as_tensor(image)
+        self._encode(self.as_tensor(image), copy=isinstance(image, torch.Tensor))
+
+    @torch.no_grad()  # a kept encoding must not hold an autograd graph (PointSAM's encoder may train)
+    def _encode(self, tensor: torch.Tensor, copy: bool) -> None:
         model = self.loaded.model
         self._encoded = model.encode([tensor]) if self.takes_points else encode_images(model, [tensor])
-        self._image = image
-        self._image_size = tuple(tensor.shape[-2:])
+        self._tensor = tensor.clone() if copy else tensor  # a copy: the caller may change its tensor in place
+
+    def _use_image(self, image: Any) -> None:
+        """Encode ``image`` unless it holds the values of the one encoded last; None: keep the last one.
+
+        Raises:
+            ValueError: no image given and none encoded before.
+        """
+        if image is not None:
+            tensor = self.as_tensor(image)
+            cached = self._tensor
+            if cached is None or tensor.shape != cached.shape or not torch.equal(tensor, cached):
+                self._encode(tensor, copy=isinstance(image, torch.Tensor))
+        if self._encoded is None:
+            raise ValueError("segment() needs an image (none was given or set before)")
+
+    @property
+    def _image_size(self) -> tuple[int, int]:
+        return tuple(self._tensor.shape[-2:])
 
     def segment(self, image: Any = None, boxes: Any = None, points: Any = None,
                 point_labels: Any = None) -> dict[str, torch.Tensor]:
-        """One mask, class and score per box prompt on ``image`` (the cached one when None or the same object).
+        """One mask, class and score per box prompt on ``image`` (the encoded one when None or of the same values).
 
         Args:
             boxes: ``[K, 4]`` xyxy in the image's pixels (array, list or tensor).
@@ -244,11 +271,8 @@ class Predictor:
             raise ValueError(f"model {name!r} takes box prompts only, not points")
         if boxes is None:
             raise ValueError("segment() needs boxes=[[x1, y1, x2, y2], ...]")
-        if image is not None and image is not self._image:
-            self.set_image(image)
-        if self._encoded is None:
-            raise ValueError("segment() needs an image (none was given or set before)")
-        prompts = check_boxes(boxes, self._encoded.original_sizes[0])
+        self._use_image(image)
+        prompts = check_boxes(boxes, self._image_size)
         out = segment_boxes(self.loaded.model, self._encoded, [prompts.to(self.loaded.device)])[0]
         return {k: v.cpu() for k, v in out.items()}
 
@@ -256,10 +280,7 @@ class Predictor:
     def _segment_points(self, image: Any, boxes: Any, points: Any, point_labels: Any) -> dict[str, torch.Tensor]:
         if points is None and boxes is None:
             raise ValueError("segment() needs points=[[x, y], ...] and/or boxes=[[x1, y1, x2, y2], ...]")
-        if image is not None and image is not self._image:
-            self.set_image(image)
-        if self._encoded is None:
-            raise ValueError("segment() needs an image (none was given or set before)")
+        self._use_image(image)
         device = self.loaded.device
         coords = labels = box_tensor = None
         if points is not None:

@@ -299,6 +299,7 @@ def _backbone_stages(model: nn.Module) -> list[str]:
 class _Captured:
     """What the hooks saw: the transformed batch, the backbone's output and the leaves ``A``."""
 
+    inputs: list[Tensor] = field(default_factory=list)  # the transform's input: [C, H, W] images as given
     images: Any = None  # torchvision ImageList: tensors [1, C, Hp, Wp], image_sizes [(h, w)]
     features: OrderedDict[str, Tensor] | None = None
     activations: list[Tensor] = field(default_factory=list)
@@ -309,7 +310,8 @@ def _capture(model: nn.Module, target: _Target) -> Iterator[_Captured]:
     """Hooks that record the batch and features, and make the chosen layer a leaf that needs grad."""
     captured = _Captured()
 
-    def on_transform(_module: nn.Module, _inputs: Any, output: Any) -> None:
+    def on_transform(_module: nn.Module, inputs: Any, output: Any) -> None:
+        captured.inputs = list(inputs[0])
         captured.images = output[0]
 
     def on_backbone(_module: nn.Module, _inputs: Any, output: Any) -> Any:
@@ -350,7 +352,7 @@ def _class_logits(model: nn.Module, captured: _Captured, detections: Mapping[str
         return torch.zeros(0, device=labels.device)
     images = captured.images
     rois = resize_boxes(detections["boxes"], size, tuple(images.image_sizes[0]))  # into the transformed image
-    context = prompt_context(model, images.tensors)
+    context = prompt_context(model, captured.inputs, images)
     class_logits = box_class_logits(model.roi_heads, captured.features, [rois], images.image_sizes, context)
     return class_logits[torch.arange(len(labels), device=labels.device), labels]
 

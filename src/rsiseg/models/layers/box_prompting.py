@@ -34,10 +34,26 @@ class EncodedImages(NamedTuple):
         return list(self.batch.image_sizes)
 
 
-def prompt_context(model: nn.Module, images: Tensor) -> Any:
-    """The RoI heads' prompter encoding of the network-input ``images`` ``[B, C, H, W]``, or None."""
+def prompt_context(model: nn.Module, images: list[Tensor], batch: ImageList) -> Any:
+    """The RoI heads' prompter encoding of a batch, or None without a prompter.
+
+    Args:
+        images: the ``[C, H, W]`` float images in [0, 1] as the model was given them (before resizing):
+            the prompts crop each box from these, at their own resolution.
+        batch: the network input ``model.transform`` made of them (its ``image_sizes`` map the boxes back).
+    """
     prompter = getattr(model.roi_heads, "prompter", None)
-    return prompter.encode(images) if prompter is not None else None
+    if prompter is None:
+        return None
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    originals = model.transform.batch_images(list(images), size_divisible=1)  # one copy, normalised in place
+    mean = torch.as_tensor(model.transform.image_mean, dtype=originals.dtype, device=originals.device)[:, None, None]
+    std = torch.as_tensor(model.transform.image_std, dtype=originals.dtype, device=originals.device)[:, None, None]
+    originals.sub_(mean).div_(std)
+    for image, (height, width) in zip(originals, sizes):  # the padding stays 0, as the network input's
+        image[:, height:] = 0
+        image[:, :, width:] = 0
+    return prompter.encode(originals, sizes, list(batch.image_sizes))
 
 
 @torch.no_grad()
@@ -46,7 +62,7 @@ def encode_images(model: nn.Module, images: list[Tensor]) -> EncodedImages:
     batch, _ = model.transform(images)
     features = model.backbone(batch.tensors)
     original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    return EncodedImages(batch, features, original, prompt_context(model, batch.tensors))
+    return EncodedImages(batch, features, original, prompt_context(model, images, batch))
 
 
 @torch.no_grad()

@@ -101,6 +101,11 @@ def cascade_roi_heads_parts(channels: int, cfg: ModelConfig) -> tuple[RoIHeadPar
     """The heads and ``roi_heads_kwargs`` that make :func:`~rsiseg.models.layers.rcnn_assembly.assemble_mask_rcnn`
     build :class:`CascadeMaskRoIHeads` (pass ``roi_heads_cls=CascadeMaskRoIHeads``): torchvision's mask head and,
     per stage of ``cfg.cascade``, a 2-FC box head with a class-agnostic predictor, on ``channels``-channel features."""
+    defaults = ModelConfig()
+    for key in ("roi_fg_iou", "roi_bg_iou"):
+        if getattr(cfg, key) != getattr(defaults, key):
+            raise ValueError(f"model.{key} is {getattr(cfg, key)}, but Cascade's stages have their own IoUs: set "
+                             f"model.cascade.stage_ious (now {list(cfg.cascade.stage_ious)}) instead")
     heads = default_roi_head_parts(channels, cfg.num_classes)  # its box head becomes stage 1's
     stage_heads = cascade_stage_heads(heads.box_head, cfg.num_classes, len(cfg.cascade.stage_ious))
     return heads, {"stage_heads": stage_heads, "cascade": cfg.cascade}

@@ -2,8 +2,10 @@
 
 :class:`PromptFusion` is the RoI heads' ``prompter`` (see
 :class:`~rsiseg.models.layers.roi_heads.RoIPrompter`). Per batch, :meth:`PromptFusion.encode`
-keeps what does not depend on the boxes (the normalised input images and the GPM's global
-tokens); per set of boxes, the enabled modules give ``[K, T, dim]`` tokens on a ``g x g`` grid,
+keeps what does not depend on the boxes: the normalised images at their original resolution (before
+the detector's resize, which shrinks small objects), each image's scale from network input
+to original pixels, and the GPM's global tokens. Per set of boxes (in network-input pixels, as the
+RoI heads hold them), the enabled modules give ``[K, T, dim]`` tokens on a ``g x g`` grid,
 which are concatenated, laid out as a ``[K, n dim, g, g]`` map, projected by a 1x1 conv to the
 RoI features' channels, resized to the RoI size (14x14 for the mask head, 7x7 for the box head)
 and added (``fusion: add``), or added through a learned tanh gate that starts at 0
@@ -24,10 +26,13 @@ from rsiseg.models.prompt.lpm import LocalPromptModule
 
 
 class PromptContext(NamedTuple):
-    """What the prompts need of a batch: the network input ``images`` ``[B, C, H, W]`` (normalised,
-    padded) and the GPM's ``global_tokens`` ``[B, G, dim]`` (None without a GPM)."""
+    """What the prompts need of a batch: ``images`` ``[B, C, H, W]``, the normalised images at their
+    original resolution (zero-padded to the largest); ``scales`` ``[B, 4]``, per image the factors
+    (x, y, x, y) from network-input to original pixels; the GPM's ``global_tokens`` ``[B, G, dim]``
+    (None without a GPM)."""
 
     images: Tensor
+    scales: Tensor
     global_tokens: Tensor | None
 
 
@@ -56,12 +61,24 @@ class PromptFusion(nn.Module):
         self.gate = nn.ParameterDict({kind: nn.Parameter(torch.zeros(1)) for kind in kinds}) \
             if cfg.fusion == "gated" else None
 
-    def encode(self, images: Tensor) -> PromptContext:
-        """The per-batch part: ``images`` ``[B, C, H, W]`` and, with a GPM, its global tokens."""
-        return PromptContext(images, self.gpm.encode_global(images) if self.gpm is not None else None)
+    def encode(self, images: Tensor, original_sizes: list[tuple[int, int]],
+               image_sizes: list[tuple[int, int]]) -> PromptContext:
+        """The per-batch part.
+
+        Args:
+            images: ``[B, C, H, W]`` normalised images at their original resolution, zero-padded.
+            original_sizes: each image's (h, w) in ``images``.
+            image_sizes: each image's (h, w) at network input, where the RoI heads' boxes live.
+        """
+        scales = torch.tensor([[w / nw, h / nh, w / nw, h / nh] for (h, w), (nh, nw) in zip(original_sizes, image_sizes)],
+                              dtype=torch.float32, device=images.device)
+        global_tokens = self.gpm.encode_global(images, original_sizes) if self.gpm is not None else None
+        return PromptContext(images, scales, global_tokens)
 
     def prompt_map(self, boxes: list[Tensor], context: PromptContext) -> Tensor:
-        """``[K, n dim, g, g]``: the enabled modules' tokens of every box (per image ``[K_i, 4]``)."""
+        """``[K, n dim, g, g]``: the enabled modules' tokens of every box (per image ``[K_i, 4]`` in
+        network-input pixels; each is cropped from its image at original resolution)."""
+        boxes = [b.float() * scale for b, scale in zip(boxes, context.scales)]
         parts = []
         if self.lpm is not None:
             parts.append(self.lpm(context.images, boxes))

@@ -123,25 +123,32 @@ class GlobalToLocalPromptModule(nn.Module):
         nn.init.trunc_normal_(self.global_pos, std=0.02)
         nn.init.trunc_normal_(self.local_pos, std=0.02)
 
-    def encode_global(self, images: Tensor) -> Tensor:
+    def encode_global(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> Tensor:
         """Global tokens of each image.
 
         Args:
-            images: ``[B, C, H, W]`` float, any H and W (resized to ``global_size``).
+            images: ``[B, C, H, W]`` float, any H and W.
+            image_sizes: each image's (h, w) inside a zero-padded ``images``; None: the whole of each.
+                Only that part is resized (antialiased) to ``global_size`` x ``global_size``, so an
+                image's tokens do not depend on the others in its batch.
 
         Returns:
             ``[B, G, D]``, ``G = global_grid ** 2``.
         """
-        resized = nn.functional.interpolate(
-            images, size=(self.global_size, self.global_size), mode="bilinear", align_corners=False, antialias=False
-        )
+        sizes = image_sizes or [tuple(images.shape[-2:])] * len(images)
+        side = (self.global_size, self.global_size)
+        resized = torch.cat([
+            nn.functional.interpolate(image[None, :, :h, :w], size=side, mode="bilinear", align_corners=False,
+                                      antialias=True)
+            for image, (h, w) in zip(images, sizes)
+        ]) if len(images) else images.new_zeros(0, images.shape[1], *side)
         return self.global_block(self.global_tokens(resized) + self.global_pos)
 
     def forward(self, images: Tensor, boxes: list[Tensor], global_tokens: Tensor | None = None) -> Tensor:
         """Prompt tokens of every box.
 
         Args:
-            images: ``[B, C, H, W]`` float, the network input.
+            images: ``[B, C, H, W]`` float, the images the boxes are in (the prompt context's, at original resolution).
             boxes: B tensors ``[K_i, 4]``, xyxy in pixels of ``images``.
             global_tokens: ``[B, G, D]`` from ``encode_global``; computed here when None.
 

@@ -53,7 +53,7 @@ class LocalPromptModule(nn.Module):
         """Prompt tokens of every box.
 
         Args:
-            images: ``[B, C, H, W]`` float, the network input.
+            images: ``[B, C, H, W]`` float, the images the boxes are in (the prompt context's, at original resolution).
             boxes: B tensors ``[K_i, 4]``, xyxy in pixels of ``images``.
 
         Returns:

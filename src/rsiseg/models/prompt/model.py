@@ -12,7 +12,9 @@ ablation is a matter of config overrides:
   (:class:`~rsiseg.models.prompt.gt_prompts.JitteredGtPrompts`), so that user boxes work as prompts.
 
 With every switch off, nothing is built beyond the baseline, in the same order: the model has the
-baseline's parameters and, for the same seed, its outputs. Inputs and outputs follow the Mask R-CNN
+baseline's parameters and, for the same seed, its outputs. The prompt modules are initialised from a
+fork of the RNG, so with them on, every part the baseline has starts from the baseline's weights: the
+variants of an ablation differ in their switches, not in their initialisation. Inputs and outputs follow the Mask R-CNN
 contract of :mod:`rsiseg.models.mask_rcnn`.
 """
 
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from rsiseg.config import ModelConfig
 from rsiseg.models.backbones.resnet_fpn import resnet_fpn_from_config
 from rsiseg.models.layers.box_matching import DenseRegionProposalNetwork
-from rsiseg.models.layers.box_prompting import prompt_context
+from rsiseg.models.layers.box_prompting import encode_images, prompt_context, segment_boxes
 from rsiseg.models.layers.cascade_heads import CascadeMaskRoIHeads, cascade_roi_heads_parts
 from rsiseg.models.layers.rcnn_assembly import RoIHeadParts, assemble_mask_rcnn
 from rsiseg.models.layers.roi_heads import CompactMaskRoIHeads
@@ -36,22 +39,52 @@ from rsiseg.models.prompt.gt_prompts import JitteredGtPrompts
 
 
 class PromptRCNN(GeneralizedRCNN):
-    """torchvision's R-CNN whose RoI heads also get the prompter's encoding of the input images."""
+    """torchvision's R-CNN whose RoI heads also get the prompter's encoding of the input images, and
+    which answers box prompts (the promptable-model contract of ``../shared/DESIGN.md``)."""
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
-        """Training: per-image ``[C, H, W]`` images and targets -> dict of losses. Eval: detections."""
-        if self.training and targets is None:
-            raise ValueError("targets are needed in training mode")
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                prompts: list[dict[str, Tensor]] | None = None) -> Any:
+        """Training: per-image ``[C, H, W]`` images and targets -> dict of losses. Eval: detections, or with
+        ``prompts=[{"boxes": [K_i, 4]}]`` (xyxy image pixels) one answer per box, as
+        :func:`~rsiseg.models.layers.box_prompting.segment_boxes` gives it."""
+        if prompts is not None:
+            return self.answer_boxes(images, prompts)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are needed in training mode")
+            check_target_boxes(targets)
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, proposal_losses = self.rpn(batch, features, targets)
         detections, detector_losses = self.roi_heads(
-            features, proposals, batch.image_sizes, targets, prompt_context=prompt_context(self, batch.tensors),
+            features, proposals, batch.image_sizes, targets, prompt_context=prompt_context(self, images, batch),
         )
         if self.training:
             return {**detector_losses, **proposal_losses}
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def answer_boxes(self, images: list[Tensor], prompts: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """One mask, class and score per prompt box of each image (eval mode only)."""
+        if self.training:
+            raise ValueError("box prompts are answered in eval mode; call model.eval() first")
+        if len(prompts) != len(images) or any("boxes" not in p for p in prompts):
+            raise ValueError(f"prompts must be one {{'boxes': [K, 4]}} dict per image: got {len(prompts)} "
+                             f"for {len(images)} images")
+        if any(key != "boxes" for p in prompts for key in p):
+            raise ValueError("these R-CNN models take box prompts only, not points")
+        return segment_boxes(self, encode_images(self, images), [p["boxes"] for p in prompts])
+
+
+def check_target_boxes(targets: list[dict[str, Tensor]]) -> None:
+    """Refuse a target box without positive width and height (torchvision's check, which the baseline
+    R-CNN's forward makes): it would give infinite box-regression and area losses."""
+    for index, target in enumerate(targets):
+        boxes = target["boxes"]
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            raise ValueError(f"every target box needs a positive width and height: target {index} has "
+                             f"{boxes[bad][0].tolist()} ({int(bad.sum())} such boxes)")
 
 
 def assemble_prompt_rcnn(
@@ -62,7 +95,8 @@ def assemble_prompt_rcnn(
     options = cfg.prompt
     roi_kwargs = dict(roi_heads_kwargs or {})
     if options.lpm or options.gpm:
-        roi_kwargs["prompter"] = PromptFusion(options, cfg.in_channels, backbone.out_channels)
+        with torch.random.fork_rng(devices=[]):  # its initialisation leaves the RNG as the baseline's parts find it
+            roi_kwargs["prompter"] = PromptFusion(options, cfg.in_channels, backbone.out_channels)
     if options.gt_prompt_ratio > 0:
         roi_kwargs["mask_rois"] = JitteredGtPrompts(options.gt_prompt_ratio, options.gt_prompt_jitter)
     area = options.parea_weight > 0

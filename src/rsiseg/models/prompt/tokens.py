@@ -10,7 +10,7 @@ def crop_boxes(images: Tensor, boxes: list[Tensor], size: int) -> Tensor:
     """Bilinear crops of every box, resized to ``size x size``, in one batched ``roi_align`` call.
 
     Args:
-        images: ``[B, C, H, W]`` float, the network input (not a feature map).
+        images: ``[B, C, H, W]`` float images (not a feature map).
         boxes: B tensors ``[K_i, 4]``, xyxy in pixels of ``images`` (continuous coordinates: pixel ``j``
             spans ``[j, j + 1)``, hence ``aligned=True``).
         size: side of the crops.
