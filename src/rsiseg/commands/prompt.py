@@ -175,14 +175,15 @@ def segment_points_and_boxes(predictor: Any, image: Any, points: tuple[list, lis
     import torch
 
     answers, prompts = [], []
+    predictor.set_image(image)  # encoded once; each segment() below reuses it (image=None)
     if points is not None:
         positive, negative = points
         coords = [[p, *negative] for p in positive]
         labels = [[1] + [0] * len(negative)] * len(positive)
-        answers.append(predictor.segment(image, points=coords, point_labels=labels))
+        answers.append(predictor.segment(None, points=coords, point_labels=labels))
         prompts += [{"points": [[*xy, lab] for xy, lab in zip(c, ls)]} for c, ls in zip(coords, labels)]
     if boxes is not None:
-        answers.append(predictor.segment(image, boxes=boxes))
+        answers.append(predictor.segment(None, boxes=boxes))
         prompts += [{"box": box} for box in boxes]
     return {k: torch.cat([a[k] for a in answers]) for k in ("masks", "scores", "boxes", "labels")}, prompts
 

@@ -175,5 +175,5 @@ def format_prompted_table(report: dict[str, Any]) -> str:
     lines += ["", f"instances: {report['instances']}, missed (box IoU < {report['missed_iou']:g} with every "
               f"same-class detection scoring >= {report['missed_score_threshold']:g}) and prompted: "
               f"{report['missed']}, prompted with the right class: {report['prompted_correct_class']}, with an empty mask: "
-              f"{report.get('prompted_empty_masks', 0)}; a prompted instance's box is its mask's bounding box"]
+              f"{report['prompted_empty_masks']}; a prompted instance's box is its mask's bounding box"]
     return "\n".join(lines)

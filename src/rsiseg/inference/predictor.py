@@ -276,7 +276,6 @@ class Predictor:
         out = segment_boxes(self.loaded.model, self._encoded, [prompts.to(self.loaded.device)])[0]
         return {k: v.cpu() for k, v in out.items()}
 
-
     def _segment_points(self, image: Any, boxes: Any, points: Any, point_labels: Any) -> dict[str, torch.Tensor]:
         if points is None and boxes is None:
             raise ValueError("segment() needs points=[[x, y], ...] and/or boxes=[[x1, y1, x2, y2], ...]")
