@@ -141,6 +141,33 @@ def test_ablate_runs_each_variant_and_writes_table_two(synth_data: dict[str, Pat
     assert "trained with model.prompt.dim=16, but this run asks for 8" in capsys.readouterr().err
 
 
+def test_ablate_marks_and_then_continues_a_variant_the_time_budget_cut(synth_data: dict[str, Path], tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    raw = tiny_config_dict(synth_data, tmp_path / "unused")
+    raw["model"].update(name="maskrcnn_r18_prompt", prompt={"dim": 16, "global_size": 64, "heads": 2, "blocks": 1})
+    raw["train"].update(max_iters=3, tensorboard=False, eval_interval=0, time_budget=0.0001)  # one iteration a call
+    config = tmp_path / "prompt.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "ablation"
+    argv = ["-q", "ablate", str(config), "--variants", "baseline", "--out", str(out), "--speed-runs", "1",
+            "--device", "cpu"]
+
+    def row() -> tuple[list[int], str]:
+        return (json.loads((out / "ablation.json").read_text())["runs"][0]["iterations"],
+                (out / "ablation.md").read_text().splitlines()[2])
+
+    assert main(argv) == 0
+    iterations, line = row()
+    assert iterations == [1, 3] and line.startswith("| baseline (stopped at iteration 1 of 3) |")
+    assert "stopped at iteration 1 of 3 by train.time_budget" in caplog.text
+    assert main(argv) == 0  # the cut run is continued, not reused: one more iteration under a new budget
+    assert row()[0] == [2, 3] and "(stopped at iteration 2 of 3)" in row()[1]
+    assert main(argv[:3] + ["train.time_budget=null"] + argv[3:]) == 0  # a run-only key: the run is still its own
+    assert row()[0] == [3, 3] and row()[1].startswith("| baseline |")
+    records = [json.loads(line) for line in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # resumed, never restarted
+
+
 def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = Path(__file__).resolve().parents[2] / "configs" / "maskrcnn_tiny.yaml"
     assert main(["ablate", str(config), "--out", str(tmp_path / "a")]) == 2

@@ -9,7 +9,8 @@ the same schedule, data and seed; only the family's switches differ (:data:`ABLA
   ``model.yolact.phase.enabled`` and ``model.yolact.sorting`` (``confidence`` or ``quality``).
 
 Each run is a normal run folder ``DIR/<variant>``; a finished one is reused, so an interrupted ablation
-continues where it stopped. Every other option stays as the config sets it: the prompt family's
+continues where it stopped, and so does a variant that ``train.time_budget`` cut short of the schedule (the
+table marks such a row until a later call finishes it). Every other option stays as the config sets it: the prompt family's
 ``baseline`` is the prompt model with its modules and area loss off, still trained with the config's
 jittered ground-truth box prompts (``model.prompt.gt_prompt_ratio``), so each row differs from it by
 its switches alone; ``gt_prompt_ratio=0`` as an override gives the plain R-CNN's training. The table
@@ -138,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name, cfg in configs.items():
         try:
-            metrics = train_or_reuse(cfg, f"variant {name}", progress=not args.quiet)
+            metrics, extent = train_or_reuse(cfg, f"variant {name}", progress=not args.quiet)
         except KeyboardInterrupt as err:  # finished variants are kept; the interrupted one resumes next time
             print(f"rsiseg ablate: {str(err) or 'interrupted'}", file=sys.stderr)
             return 130
-        rows.append({"variant": name, "run": cfg.train.output_dir,
+        rows.append({"variant": name, "run": cfg.train.output_dir, "iterations": extent,
                      **{key: metric_value(metrics, key) for _, key in COLUMNS},
                      **speed_and_size(Path(cfg.train.output_dir) / "last.pth", args.device, args.speed_runs)})
     held = f"model.prompt.gt_prompt_ratio {base.model.prompt.gt_prompt_ratio:g} in every variant" \
@@ -172,7 +173,10 @@ def speed_and_size(checkpoint: Path, device: str, runs: int) -> dict[str, Any]:
 
 def write_ablation(out: Path, config: str, rows: list[dict[str, Any]], held: str = "") -> None:
     """``ablation.json`` and the Markdown table ``ablation.md`` (the papers' layout) of one row per variant;
-    ``held`` names a setting every variant shares that the reader must know (it ends the table's note)."""
+    ``held`` names a setting every variant shares that the reader must know (it ends the table's note).
+    A variant that the time budget stopped short of the schedule is marked with where it stopped."""
+    from rsiseg.commands.sweep import cut_short
+
     record = {"config": str(config), "runs": rows, **({"held": held} if held else {})}
     atomic_write(out / "ablation.json", lambda fh: fh.write(json.dumps(record, indent=1)))
     header = "| variant | " + " | ".join(label for label, _ in COLUMNS) + " | FPS | params (M) | GFLOPs |"
@@ -180,7 +184,7 @@ def write_ablation(out: Path, config: str, rows: list[dict[str, Any]], held: str
     for row in rows:
         cells = [percent(row[key]) for _, key in COLUMNS] + [f"{row['fps']:.2f}", f"{row['params'] / 1e6:.2f}",
                                                              f"{row['gflops']:.2f}"]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['variant']}{cut_short(row['iterations'])} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Config `{config}`; FPS at batch 1 on {rows[0]['device']} and GFLOPs of a {rows[0]['image_size'][1]}"
                  f"x{rows[0]['image_size'][0]} validation image" + (f"; {held}." if held else ".") if rows else "")

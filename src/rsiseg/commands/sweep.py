@@ -2,7 +2,8 @@
 
 For example accuracy against annotation budget, with ``--key data.points.count --values 50 500 5000``.
 Each run is a normal run directory ``OUT/<key>=<value>``; a run that finished (its
-``metrics.json`` exists) is reused, so an interrupted sweep continues where it stopped. Writes
+``metrics.json`` exists) is reused, so an interrupted sweep continues where it stopped; a run that
+``train.time_budget`` cut short is continued (its row is marked while it is short). Writes
 ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep.png`` (each metric against the value).
 """
 
@@ -39,26 +40,64 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for value, cfg in configs:
         run_dir = Path(cfg.train.output_dir)
-        metrics = train_or_reuse(cfg, f"{args.key}={value}", progress=not args.quiet)
+        metrics, extent = train_or_reuse(cfg, f"{args.key}={value}", progress=not args.quiet)
         names = get_task(cfg.task).metric_names(cfg)
-        rows.append({"value": value, "run": str(run_dir), **{n: metric_value(metrics, n) for n in names}})
+        rows.append({"value": value, "run": str(run_dir), "iterations": extent,
+                     **{n: metric_value(metrics, n) for n in names}})
     write_sweep(out, args.key, rows)
     print((out / "sweep.md").read_text())
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
     return 0
 
 
-def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``train.output_dir`` unless a finished run (its ``metrics.json``) is there; its final metrics."""
+# Settings of when a run stops and what it logs, not of what it learns: a finished run is reused whatever
+# they were (``train.time_budget=null`` may finish a run that the budget cut).
+RUN_ONLY_KEYS = ("train.time_budget", "train.checkpoint_interval", "train.log_interval")
+
+
+def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str, Any], list[int | None]]:
+    """Train ``cfg`` into ``train.output_dir`` unless a finished run (its ``metrics.json``) is there.
+
+    A run that ``train.time_budget`` stopped short of its schedule is continued (``--resume``), not reused,
+    so calling this again finishes it; each call gets the budget anew.
+
+    Returns:
+        The final metrics and ``[iterations trained, the schedule's iterations]`` (the second None for a
+        checkpoint from before rsiseg recorded it); a run still short of its schedule is logged as such.
+    """
     from rsiseg.engine.trainer import Trainer
 
     run_dir = Path(cfg.train.output_dir)
-    if (run_dir / "metrics.json").is_file():
-        check_same_config(cfg, run_dir, name)
-        log.info("%s: finished run found in %s, reused", name, run_dir)
-    else:
+    if not (run_dir / "metrics.json").is_file():
         Trainer(cfg, overwrite=True, progress=progress).fit()
-    return json.loads((run_dir / "metrics.json").read_text())
+    else:
+        check_same_config(cfg, run_dir, name)
+        done, total = trained_iterations(run_dir)
+        if total is not None and done < total:
+            log.info("%s: the run in %s stopped at iteration %d of %d (time budget); continuing it", name, run_dir,
+                     done, total)
+            Trainer(cfg, resume=True, progress=progress).fit()
+        else:
+            log.info("%s: finished run found in %s, reused", name, run_dir)
+    extent = trained_iterations(run_dir)
+    if cut_short(extent):
+        log.warning("%s: stopped at iteration %d of %d by train.time_budget; its row is marked so. Run the same "
+                    "command again to continue it", name, *extent)
+    return json.loads((run_dir / "metrics.json").read_text()), extent
+
+
+def trained_iterations(run_dir: Path) -> list[int | None]:
+    """``[iterations trained, the schedule's iterations]`` from ``run_dir/last.pth`` (None: not recorded)."""
+    from rsiseg.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "last.pth")
+    return [state["iteration"], state.get("total_iterations")]
+
+
+def cut_short(extent: list[int | None]) -> str:
+    """`` (stopped at iteration i of N)`` for a run short of its schedule, else ``""``: a table's row mark."""
+    done, total = extent
+    return f" (stopped at iteration {done} of {total})" if total is not None and done < total else ""
 
 
 def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
@@ -77,6 +116,10 @@ def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
     except ConfigError:  # a key since removed or a value since refused: compared as stored
         pass
     wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # through YAML, as the run stored it
+    for key in RUN_ONLY_KEYS:
+        section, field = key.split(".")
+        for settings in (stored, wanted):
+            settings.get(section, {}).pop(field, None)
     difference = _first_difference(stored, wanted)
     if difference is not None:
         key, old, new = difference
@@ -103,10 +146,11 @@ def _run_config(args: argparse.Namespace, value: str, out: Path):
 
 def write_sweep(out: Path, key: str, rows: list[dict[str, Any]]) -> None:
     """``sweep.json``, a markdown table ``sweep.md`` and the plot ``sweep.png`` of ``rows`` (one per value)."""
-    metrics = [k for k in rows[0] if k not in ("value", "run")]
+    metrics = [k for k in rows[0] if k not in ("value", "run", "iterations")]
     atomic_write(out / "sweep.json", lambda fh: fh.write(json.dumps({"key": key, "runs": rows}, indent=1)))
     lines = [f"| {key} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    lines += [f"| {r['value']} | " + " | ".join(percent(r[m]) for m in metrics) + " |" for r in rows]
+    lines += [f"| {r['value']}{cut_short(r['iterations'])} | " + " | ".join(percent(r[m]) for m in metrics) + " |"
+              for r in rows]
     atomic_write(out / "sweep.md", lambda fh: fh.write("\n".join(lines) + "\n"))
     _plot(out / "sweep.png", key, rows, metrics)
 

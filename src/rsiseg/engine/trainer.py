@@ -255,6 +255,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch,
                 "iteration": self.iteration,
+                "total_iterations": self.total_iters,  # the schedule's length: a run the time budget cut says so
                 "rng_state": rank_states[0],
                 "rank_rng_states": rank_states,
                 "world_size": self.dist.world_size,
