@@ -85,6 +85,23 @@ def test_resume_after_kill_matches_uninterrupted_run(synth_data: dict[str, Path]
     assert logged == list(range(1, 7))  # no duplicated records after the resume
 
 
+def test_a_run_continued_after_the_time_budget_matches_the_uninterrupted_run(synth_data: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    # plateau counts evaluations: the budget's extra one (at iteration 1) must not step it
+    settings = dict(epochs=2, eval_interval=1, scheduler="plateau", plateau_patience=0, warmup_iters=0)
+    Trainer(make_config(synth_data, tmp_path / "full", **settings), progress=False).fit()
+    full = load_checkpoint(tmp_path / "full" / "last.pth")
+    Trainer(make_config(synth_data, tmp_path / "cut", time_budget=0.0001, **settings), progress=False).fit()
+    assert load_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == 1
+    Trainer(make_config(synth_data, tmp_path / "cut", **settings), resume=True, progress=False).fit()
+    continued = load_checkpoint(tmp_path / "cut" / "last.pth")
+
+    assert (continued["iteration"], continued["total_iterations"]) == (full["iteration"], full["total_iterations"])
+    assert continued["scheduler"] == full["scheduler"]
+    for key, value in full["model"].items():
+        assert torch.equal(value, continued["model"][key]), key
+
+
 def test_non_finite_loss_is_skipped_and_counted(synth_data: dict[str, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_config(synth_data, tmp_path / "run", epochs=1, eval_interval=0)

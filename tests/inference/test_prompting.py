@@ -168,6 +168,32 @@ def test_ablate_marks_and_then_continues_a_variant_the_time_budget_cut(synth_dat
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # resumed, never restarted
 
 
+def test_an_interrupted_run_is_resumed_not_trained_again(synth_data: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsiseg.commands.sweep import train_or_reuse
+    from rsiseg.config import config_from_dict
+    from rsiseg.engine.trainer import Trainer, TrainingInterrupted
+
+    raw = tiny_config_dict(synth_data, tmp_path / "run")
+    raw["train"].update(max_iters=3, checkpoint_interval=1, eval_interval=0)
+    cfg = config_from_dict(raw)
+    step = Trainer.train_step
+
+    def ctrl_c_at_two(self, images, targets):
+        if self.iteration == 2:
+            raise KeyboardInterrupt
+        return step(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_two)
+    with pytest.raises(TrainingInterrupted):
+        train_or_reuse(cfg, "interrupted")
+    monkeypatch.setattr(Trainer, "train_step", step)
+    metrics, extent = train_or_reuse(cfg, "interrupted")
+    assert extent == [3, 3] and set(metrics) == {"bbox", "segm"}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # iterations 1-2 kept
+
+
 def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = Path(__file__).resolve().parents[2] / "configs" / "maskrcnn_tiny.yaml"
     assert main(["ablate", str(config), "--out", str(tmp_path / "a")]) == 2

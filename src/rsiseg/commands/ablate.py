@@ -8,9 +8,9 @@ the same schedule, data and seed; only the family's switches differ (:data:`ABLA
 * ``yolact_*`` models (the RELACT ablation): ``yolact``, ``+phase``, ``+sorting``, ``relact``, varying
   ``model.yolact.phase.enabled`` and ``model.yolact.sorting`` (``confidence`` or ``quality``).
 
-Each run is a normal run folder ``DIR/<variant>``; a finished one is reused, so an interrupted ablation
-continues where it stopped, and so does a variant that ``train.time_budget`` cut short of the schedule (the
-table marks such a row until a later call finishes it). Every other option stays as the config sets it: the prompt family's
+Each run is a normal run folder ``DIR/<variant>``; a finished one is reused, and an interrupted one or one
+that ``train.time_budget`` cut short of the schedule is resumed, so an ablation called again continues
+exactly where it stopped (the table marks a row while its run is short). Every other option stays as the config sets it: the prompt family's
 ``baseline`` is the prompt model with its modules and area loss off, still trained with the config's
 jittered ground-truth box prompts (``model.prompt.gt_prompt_ratio``), so each row differs from it by
 its switches alone; ``gt_prompt_ratio=0`` as an override gives the plain R-CNN's training. The table

@@ -2,8 +2,8 @@
 
 For example accuracy against annotation budget, with ``--key data.points.count --values 50 500 5000``.
 Each run is a normal run directory ``OUT/<key>=<value>``; a run that finished (its
-``metrics.json`` exists) is reused, so an interrupted sweep continues where it stopped; a run that
-``train.time_budget`` cut short is continued (its row is marked while it is short). Writes
+``metrics.json`` exists) is reused, and an interrupted one or one that ``train.time_budget`` cut short is
+resumed, so a sweep called again continues where it stopped (a row is marked while its run is short). Writes
 ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep.png`` (each metric against the value).
 """
 
@@ -50,16 +50,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Settings of when a run stops and what it logs, not of what it learns: a finished run is reused whatever
-# they were (``train.time_budget=null`` may finish a run that the budget cut).
+# Settings of when a run stops and what it logs, not of what it learns: a run is reused or continued
+# whatever they were (``train.time_budget=null`` may finish a run that the budget cut).
 RUN_ONLY_KEYS = ("train.time_budget", "train.checkpoint_interval", "train.log_interval")
 
 
 def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str, Any], list[int | None]]:
-    """Train ``cfg`` into ``train.output_dir`` unless a finished run (its ``metrics.json``) is there.
+    """Train ``cfg`` into ``train.output_dir``, reusing a finished run there and continuing an unfinished one.
 
-    A run that ``train.time_budget`` stopped short of its schedule is continued (``--resume``), not reused,
-    so calling this again finishes it; each call gets the budget anew.
+    Unfinished: interrupted (a ``last.pth`` but no ``metrics.json``) or stopped short of its schedule by
+    ``train.time_budget``; it is resumed (``--resume``, exact), so calling this again finishes it, each call
+    with the budget anew. A run whose ``last.pth`` predates the recorded schedule length counts as finished
+    when it has ``metrics.json``, and then its ``time_budget`` must match (it may have been cut).
 
     Returns:
         The final metrics and ``[iterations trained, the schedule's iterations]`` (the second None for a
@@ -68,17 +70,18 @@ def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str
     from rsiseg.engine.trainer import Trainer
 
     run_dir = Path(cfg.train.output_dir)
-    if not (run_dir / "metrics.json").is_file():
+    if not (run_dir / "last.pth").is_file():
         Trainer(cfg, overwrite=True, progress=progress).fit()
     else:
-        check_same_config(cfg, run_dir, name)
         done, total = trained_iterations(run_dir)
-        if total is not None and done < total:
-            log.info("%s: the run in %s stopped at iteration %d of %d (time budget); continuing it", name, run_dir,
-                     done, total)
-            Trainer(cfg, resume=True, progress=progress).fit()
-        else:
+        ended = (run_dir / "metrics.json").is_file()
+        check_same_config(cfg, run_dir, name, budget_matters=ended and total is None)
+        if ended and not cut_short([done, total]):
             log.info("%s: finished run found in %s, reused", name, run_dir)
+        else:
+            log.info("%s: continuing the run in %s from iteration %d%s", name, run_dir, done,
+                     f" of {total}" if total is not None else "")
+            Trainer(cfg, resume=True, progress=progress).fit()
     extent = trained_iterations(run_dir)
     if cut_short(extent):
         log.warning("%s: stopped at iteration %d of %d by train.time_budget; its row is marked so. Run the same "
@@ -100,9 +103,10 @@ def cut_short(extent: list[int | None]) -> str:
     return f" (stopped at iteration {done} of {total})" if total is not None and done < total else ""
 
 
-def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
-    """Refuse to reuse a finished run whose stored ``config.yaml`` differs from ``cfg`` (a changed default,
-    config or override would otherwise mix two settings in one table).
+def check_same_config(cfg: Any, run_dir: Path, name: str, budget_matters: bool = False) -> None:
+    """Refuse to reuse or continue a run whose stored ``config.yaml`` differs from ``cfg`` (a changed default,
+    config or override would otherwise mix two settings in one table). :data:`RUN_ONLY_KEYS` are not
+    compared, ``train.time_budget`` only when ``budget_matters``.
 
     A key that rsiseg added after the run was trained is absent from its stored config; it counts as the
     default the run had in effect, so the run is still reused when ``cfg`` keeps that default.
@@ -117,13 +121,15 @@ def check_same_config(cfg: Any, run_dir: Path, name: str) -> None:
         pass
     wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # through YAML, as the run stored it
     for key in RUN_ONLY_KEYS:
+        if budget_matters and key == "train.time_budget":
+            continue
         section, field = key.split(".")
         for settings in (stored, wanted):
             settings.get(section, {}).pop(field, None)
     difference = _first_difference(stored, wanted)
     if difference is not None:
         key, old, new = difference
-        raise ValueError(f"{name}: the finished run in {run_dir} was trained with {key}={old!r}, but this run asks "
+        raise ValueError(f"{name}: the run in {run_dir} was trained with {key}={old!r}, but this run asks "
                          f"for {new!r}; remove that folder to train it again, or choose another --out")
 
 

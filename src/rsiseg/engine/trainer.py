@@ -162,7 +162,9 @@ class Trainer:
                 log.info("time budget of %g min spent: stopped at iteration %d of %d, checkpoint %s", budget,
                          self.iteration, self.total_iters, self.run_dir / "last.pth")
             if self.val_set is not None and evaluated_at != self.iteration:
-                self.evaluate()
+                self.evaluate(scheduled=False)
+            if self.saved_iteration != self.iteration:  # a resume on another process count past max_iters
+                self.save("last.pth")
             self._finish()
         except KeyboardInterrupt:
             self.logger.close()
@@ -189,7 +191,7 @@ class Trainer:
             due = cfg.eval_interval > 0 and finished_epoch and self.epoch % cfg.eval_interval == 0
             last = self.iteration >= self.total_iters or self._out_of_time()
             if self.val_set is not None and (due or last):
-                self.evaluate()
+                self.evaluate(scheduled=due or self.iteration >= self.total_iters)
                 evaluated_at = self.iteration
             self.save("last.pth")
         return evaluated_at
@@ -222,8 +224,12 @@ class Trainer:
         return self.dist.mean({"loss": total.item(), **{k: v.item() for k, v in losses.items()}},
                               f"iteration {self.iteration}: the loss average")
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, scheduled: bool = True) -> dict[str, Any]:
         """Evaluate on the validation split (the task's metrics), log, keep the best checkpoint, feed the scheduler.
+
+        ``scheduled=False`` (an evaluation the schedule does not have: the time budget's, or one after no
+        training) leaves the scheduler alone, so that a run continued after the budget cut it takes the
+        learning rates of the uninterrupted run (``plateau`` counts its evaluations).
 
         Distributed: every rank evaluates its share of the images and every rank gets the same metrics
         (the task gathers them), so all take the same scheduler step and best-checkpoint decision."""
@@ -233,8 +239,9 @@ class Trainer:
         flat = {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if isinstance(v, (int, float))}
         self.logger.write("eval", self.iteration, self.epoch, flat)
         value = metric_value(metrics, self.cfg.train.best_metric)
-        self.schedule.step_metric(metric_value(metrics, self.cfg.train.plateau_metric)
-                                  if self.cfg.train.scheduler == "plateau" else value)
+        if scheduled:
+            self.schedule.step_metric(metric_value(metrics, self.cfg.train.plateau_metric)
+                                      if self.cfg.train.scheduler == "plateau" else value)
         log.info("iteration %d: %s = %.4f", self.iteration, self.cfg.train.best_metric, value)
         if math.isfinite(value) and (self.best is None or value > self.best):
             self.best = value
