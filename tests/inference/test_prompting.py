@@ -191,7 +191,16 @@ def test_an_interrupted_run_is_resumed_not_trained_again(synth_data: dict[str, P
     metrics, extent = train_or_reuse(cfg, "interrupted")
     assert extent == [3, 3] and set(metrics) == {"bbox", "segm"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # iterations 1-2 kept
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["iteration"] for r in records if r["kind"] == "run"] == [0, 2]  # resumed at 2, not started again
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    for checkpoint in ("last.pth", "best.pth"):
+        (tmp_path / "run" / checkpoint).unlink(missing_ok=True)  # a user freeing space
+    assert train_or_reuse(cfg, "finished") == (metrics, [None, None])
 
 
 def test_ablate_refuses_a_model_without_prompt_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

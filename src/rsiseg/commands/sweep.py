@@ -65,16 +65,17 @@ def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str
 
     Returns:
         The final metrics and ``[iterations trained, the schedule's iterations]`` (the second None for a
-        checkpoint from before rsiseg recorded it); a run still short of its schedule is logged as such.
+        checkpoint from before rsiseg recorded it, both for a finished run without ``last.pth``); a run still
+        short of its schedule is logged as such.
     """
     from rsiseg.engine.trainer import Trainer
 
     run_dir = Path(cfg.train.output_dir)
-    if not (run_dir / "last.pth").is_file():
+    ended = (run_dir / "metrics.json").is_file()
+    if not ended and not (run_dir / "last.pth").is_file():
         Trainer(cfg, overwrite=True, progress=progress).fit()
-    else:
+    else:  # a finished run whose checkpoints were deleted is reused as it is
         done, total = trained_iterations(run_dir)
-        ended = (run_dir / "metrics.json").is_file()
         check_same_config(cfg, run_dir, name, budget_matters=ended and total is None)
         if ended and not cut_short([done, total]):
             log.info("%s: finished run found in %s, reused", name, run_dir)
@@ -90,9 +91,12 @@ def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str
 
 
 def trained_iterations(run_dir: Path) -> list[int | None]:
-    """``[iterations trained, the schedule's iterations]`` from ``run_dir/last.pth`` (None: not recorded)."""
+    """``[iterations trained, the schedule's iterations]`` from ``run_dir/last.pth`` (None: not recorded,
+    both None without ``last.pth``)."""
     from rsiseg.checkpoint import load_checkpoint
 
+    if not (run_dir / "last.pth").is_file():
+        return [None, None]
     state = load_checkpoint(run_dir / "last.pth")
     return [state["iteration"], state.get("total_iterations")]
 

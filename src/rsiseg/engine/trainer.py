@@ -229,7 +229,8 @@ class Trainer:
 
         ``scheduled=False`` (an evaluation the schedule does not have: the time budget's, or one after no
         training) leaves the scheduler alone, so that a run continued after the budget cut it takes the
-        learning rates of the uninterrupted run (``plateau`` counts its evaluations).
+        learning rates of the uninterrupted run (``plateau`` counts its evaluations); it may still make a
+        new ``best.pth``.
 
         Distributed: every rank evaluates its share of the images and every rank gets the same metrics
         (the task gathers them), so all take the same scheduler step and best-checkpoint decision."""
@@ -252,6 +253,8 @@ class Trainer:
     def save(self, name: str) -> None:
         """Write a checkpoint (rank 0); a collective: every rank calls it, to hand in its RNG state."""
         rank_states = self.dist.gather(rng_state(), f"iteration {self.iteration}: saving {name}")
+        if name == "last.pth":  # on every rank: fit() decides by it whether to save again, a collective
+            self.saved_iteration = self.iteration
         if not self.dist.is_main:
             return
         save_checkpoint(
@@ -272,8 +275,6 @@ class Trainer:
             },
             self.run_dir / name,
         )
-        if name == "last.pth":
-            self.saved_iteration = self.iteration
 
     def _train_epoch(self, bar: tqdm) -> None:
         cfg = self.cfg.train
