@@ -72,18 +72,19 @@ def train_or_reuse(cfg: Any, name: str, progress: bool = True) -> tuple[dict[str
 
     run_dir = Path(cfg.train.output_dir)
     ended = (run_dir / "metrics.json").is_file()
-    if not ended and not (run_dir / "last.pth").is_file():
+    extent = trained_iterations(run_dir)
+    if not ended and extent[0] is None:  # nothing to continue
         Trainer(cfg, overwrite=True, progress=progress).fit()
+        extent = trained_iterations(run_dir)
     else:  # a finished run whose checkpoints were deleted is reused as it is
-        done, total = trained_iterations(run_dir)
-        check_same_config(cfg, run_dir, name, budget_matters=ended and total is None)
-        if ended and not cut_short([done, total]):
+        check_same_config(cfg, run_dir, name, budget_matters=ended and extent[1] is None)
+        if ended and not cut_short(extent):
             log.info("%s: finished run found in %s, reused", name, run_dir)
         else:
-            log.info("%s: continuing the run in %s from iteration %d%s", name, run_dir, done,
-                     f" of {total}" if total is not None else "")
+            log.info("%s: continuing the run in %s from iteration %d%s", name, run_dir, extent[0],
+                     f" of {extent[1]}" if extent[1] is not None else "")
             Trainer(cfg, resume=True, progress=progress).fit()
-    extent = trained_iterations(run_dir)
+            extent = trained_iterations(run_dir)
     if cut_short(extent):
         log.warning("%s: stopped at iteration %d of %d by train.time_budget; its row is marked so. Run the same "
                     "command again to continue it", name, *extent)
