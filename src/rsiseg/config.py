@@ -270,7 +270,7 @@ class TrainConfig:
     epochs: int = 12
     max_iters: int | None = None  # stop after this many iterations (overrides epochs when reached first)
     batch_size: int = 2
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
