@@ -46,6 +46,21 @@ def tiny_config_dict(data: dict[str, Path], out_dir: Path, num_classes: int | No
     }
 
 
+def ctrl_c_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """Make ``Trainer.train_step`` raise ``KeyboardInterrupt`` (as Ctrl-C would) when the trainer reaches
+    ``iteration``; ``monkeypatch.undo()`` restores it."""
+    from rsiseg.engine.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def interrupted(self, images, targets):
+        if self.iteration == iteration:
+            raise KeyboardInterrupt
+        return step(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+
+
 @pytest.fixture
 def tiny_config(synth_data: dict[str, Path], tmp_path: Path) -> ExperimentConfig:
     return config_from_dict(tiny_config_dict(synth_data, tmp_path / "run"))

@@ -24,7 +24,7 @@ from rsiseg.engine.preflight import check_metric_names
 from rsiseg.engine.trainer import Trainer
 from rsiseg.fileio import stale_temp_files
 from rsiseg.tasks.instance import InstanceTask
-from tests.conftest import tiny_config_dict
+from tests.conftest import ctrl_c_at, tiny_config_dict
 
 
 def tiny(synth_data: dict[str, Path], run: Path, **sections: dict):
@@ -174,14 +174,7 @@ def test_ctrl_c_exits_130_naming_the_checkpoint(synth_data: dict[str, Path], tmp
     run = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(synth_data, run)))
-    original = Trainer.train_step
-
-    def step_then_ctrl_c(self, images, targets):
-        if self.iteration == 1:
-            raise KeyboardInterrupt
-        return original(self, images, targets)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    ctrl_c_at(monkeypatch, 1)
     args = ["train", str(config), "train.max_iters=3", "train.checkpoint_interval=1", "data.num_workers=0", "-q"]
     assert main(args) == 130
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from rsiseg.cli import main
 from rsiseg.commands.prompt import parse_boxes
 from rsiseg.inference.predictor import Predictor, check_boxes
 from rsiseg.models.layers import box_prompting
-from tests.conftest import tiny_config_dict
+from tests.conftest import ctrl_c_at, tiny_config_dict
 
 
 def test_segment_encodes_an_image_once(untrained_checkpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,17 +177,10 @@ def test_an_interrupted_run_is_resumed_not_trained_again(synth_data: dict[str, P
     raw = tiny_config_dict(synth_data, tmp_path / "run")
     raw["train"].update(max_iters=3, checkpoint_interval=1, eval_interval=0)
     cfg = config_from_dict(raw)
-    step = Trainer.train_step
-
-    def ctrl_c_at_two(self, images, targets):
-        if self.iteration == 2:
-            raise KeyboardInterrupt
-        return step(self, images, targets)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_two)
+    ctrl_c_at(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
         train_or_reuse(cfg, "interrupted")
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.undo()
     metrics, extent = train_or_reuse(cfg, "interrupted")
     assert extent == [3, 3] and set(metrics) == {"bbox", "segm"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
