@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from rsiseg.config import TrainConfig
+from rsiseg.evaluation.component_layouts import get_path
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,7 @@ BACKBONE_PATHS = ("backbone.body", "encoder")
 
 def backbone_of(model: nn.Module) -> nn.Module | None:
     """The model's feature extractor (the first of :data:`BACKBONE_PATHS` it has), or None."""
-    for path in BACKBONE_PATHS:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    return None
+    return next((found for found in (get_path(model, path) for path in BACKBONE_PATHS) if found is not None), None)
 
 
 class BackboneFreeze:

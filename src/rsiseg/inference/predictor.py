@@ -287,9 +287,10 @@ class Predictor:
             coords = coords[:, None] if coords.dim() == 2 else coords
             if coords.dim() != 3 or coords.shape[-1] != 2:
                 raise ValueError(f"points must be [K, 2] or [K, P, 2] (x, y), got shape {tuple(coords.shape)}")
-            labels = (torch.ones(coords.shape[:2]) if point_labels is None
-                      else torch.as_tensor(np.asarray(point_labels, dtype=np.float32)).reshape(coords.shape[:2]))
-            coords, labels = coords.to(device), labels.to(device)
+            if point_labels is not None:  # None: the model's default, all 1
+                labels = torch.as_tensor(np.asarray(point_labels, dtype=np.float32)).reshape(coords.shape[:2])
+                labels = labels.to(device)
+            coords = coords.to(device)
             check_points(coords, self._image_size)
         if boxes is not None:
             box_tensor = check_boxes(boxes, self._image_size).to(device)
