@@ -19,11 +19,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from rsiseg.config import ModelConfig
 from rsiseg.models.layers.box_matching import DenseRegionProposalNetwork
 from rsiseg.models.layers.rcnn_transform import CompactMaskTransform
+from rsiseg.models.layers.roi_align import SparseRoIAlign
 from rsiseg.models.layers.roi_heads import CompactMaskRoIHeads
 
 FPN_LEVELS = 5  # P2-P5 plus the pooled P6
@@ -101,12 +101,12 @@ def assemble_mask_rcnn(
         nms_thresh=cfg.rpn_nms_thresh, **(rpn_kwargs or {}),
     )
     roi_heads = roi_heads_cls(
-        MultiScaleRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=2), heads.box_head, heads.box_predictor,
+        SparseRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=2), heads.box_head, heads.box_predictor,
         fg_iou_thresh=cfg.roi_fg_iou, bg_iou_thresh=cfg.roi_bg_iou,
         batch_size_per_image=cfg.roi_batch_size_per_image, positive_fraction=cfg.roi_positive_fraction,
         bbox_reg_weights=None, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.detections_per_img,
-        mask_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=2),
+        mask_roi_pool=SparseRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=2),
         mask_head=heads.mask_head, mask_predictor=heads.mask_predictor, **(roi_heads_kwargs or {}),
     )
     transform = CompactMaskTransform(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
