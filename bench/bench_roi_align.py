@@ -4,9 +4,11 @@ Two measurements, both with ``--threads`` threads:
 
 * ``op``: the box pooler (7x7) and the mask pooler (14x14) alone, forward and backward, on random FPN
   features of ``--batch`` images at ``--size`` px with ``--rois`` random boxes per image (sizes spread
-  over the levels), best of ``--repeats``; and the largest difference of the outputs and gradients;
+  over the levels), and YOLACT's prototype crops (``roi_align``, 56x56, aligned) of 100 boxes on one
+  image's 32 prototypes; best of ``--repeats``, and the largest difference of the outputs and gradients;
 * ``step``: training steps (forward and backward, no optimiser step) of ``--config``'s model on its
-  first training images, once with each pooler and the same seed: the median step time, and the
+  first training images, once with torchvision's kernels in every rsiseg RoIAlign and once with the
+  sparse product, the same seed each time: the median step time, and the
   losses of the first step side by side.
 
 Usage: .venv/bin/python bench/bench_roi_align.py [--config configs/ssdd_cpu.yaml
@@ -18,20 +20,25 @@ Never asserts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import roi_align as torchvision_roi_align
 
 from rsiseg.config import load_config
 from rsiseg.data.coco import CocoInstanceDataset
-from rsiseg.models.layers.rcnn_assembly import ROI_LEVELS
-from rsiseg.models.layers.roi_align import SparseRoIAlign
 from rsiseg.inference.predictor import without_initial_weights
+from rsiseg.models.layers import roi_align as roi_align_module
+from rsiseg.models.layers.rcnn_assembly import ROI_LEVELS
+from rsiseg.models.layers.roi_align import SparseRoIAlign, roi_align
 from rsiseg.models.registry import build_model
 
 
@@ -50,14 +57,22 @@ def random_case(args: argparse.Namespace) -> tuple[OrderedDict, list[torch.Tenso
     return features, boxes, [(args.size, args.size)] * args.batch
 
 
-def time_pooler(pooler, features: OrderedDict, boxes, shapes, repeats: int) -> tuple[float, float, torch.Tensor,
-                                                                                        tuple[torch.Tensor, ...]]:
-    """Best forward and backward seconds, and the output and feature gradients (of a fixed upstream gradient)."""
-    inputs = tuple(features.values())
+def random_prototypes(args: argparse.Namespace) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """YOLACT's 32 prototypes ``[1, 32, size / 4, size / 4]`` of one image and 100 boxes of 5-65 px."""
+    generator = torch.Generator().manual_seed(1)
+    prototypes = torch.randn(1, 32, args.size // 4, args.size // 4, generator=generator, requires_grad=True)
+    corner = torch.rand(100, 2, generator=generator) * (args.size - 65)
+    return prototypes, [torch.cat([corner, corner + 5 + torch.rand(100, 2, generator=generator) * 60], 1)]
+
+
+def time_call(call, inputs: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, float, torch.Tensor,
+                                                                             tuple[torch.Tensor, ...]]:
+    """Best forward and backward seconds of ``call()``, its output and the gradients of ``inputs``
+    (under a fixed upstream gradient)."""
     best_forward = best_backward = float("inf")
     for _ in range(repeats + 1):  # the first call warms up
         start = time.perf_counter()
-        out = pooler(features, boxes, shapes)
+        out = call()
         forward = time.perf_counter() - start
         upstream = torch.ones_like(out).mul_(torch.linspace(-1, 1, out.shape[1])[None, :, None, None])
         start = time.perf_counter()
@@ -70,27 +85,37 @@ def op_rows(args: argparse.Namespace) -> list[dict]:
     features, boxes, shapes = random_case(args)
     rows = []
     for size in (7, 14):
-        reference = time_pooler(MultiScaleRoIAlign(ROI_LEVELS, size, 2), features, boxes, shapes, args.repeats)
-        sparse = time_pooler(SparseRoIAlign(ROI_LEVELS, size, 2), features, boxes, shapes, args.repeats)
-        rows.append({
-            "output": f"{size}x{size}", "rois": args.rois * args.batch,
-            "torchvision_forward_ms": round(reference[0] * 1e3, 1), "torchvision_backward_ms": round(reference[1] * 1e3, 1),
-            "sparse_forward_ms": round(sparse[0] * 1e3, 1), "sparse_backward_ms": round(sparse[1] * 1e3, 1),
-            "max_output_diff": float((reference[2] - sparse[2]).abs().max()),
-            "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(reference[3], sparse[3])),
-        })
-        print(rows[-1], flush=True)
+        timed = [time_call(partial(pooler_cls(ROI_LEVELS, size, 2), features, boxes, shapes),
+                           tuple(features.values()), args.repeats)
+                 for pooler_cls in (MultiScaleRoIAlign, SparseRoIAlign)]
+        rows.append(op_row(f"FPN pooler {size}x{size}", args.rois * args.batch, *timed))
+    prototypes, crop_boxes = random_prototypes(args)
+    timed = [time_call(partial(function, prototypes, crop_boxes, 56, 0.25, 2, True), (prototypes,), args.repeats)
+             for function in (torchvision_roi_align, roi_align)]
+    rows.append(op_row("YOLACT prototype crops 56x56 (aligned)", len(crop_boxes[0]), *timed))
+    for row in rows:
+        print(row, flush=True)
     return rows
 
 
-def with_pooler(model: torch.nn.Module, pooler_cls: type) -> torch.nn.Module:
-    """``model`` with its RoI poolers replaced by ``pooler_cls`` instances of the same sizes."""
-    heads = model.roi_heads
-    for attribute in ("box_roi_pool", "mask_roi_pool"):
-        old = getattr(heads, attribute, None)
-        if old is not None:
-            setattr(heads, attribute, pooler_cls(old.featmap_names, old.output_size, old.sampling_ratio))
-    return model
+def op_row(name: str, rois: int, reference: tuple, sparse: tuple) -> dict:
+    """One table row from the two :func:`time_call` results of torchvision and the sparse product."""
+    return {"pooling": name, "rois": rois,
+            "torchvision_forward_ms": round(reference[0] * 1e3, 1), "torchvision_backward_ms": round(reference[1] * 1e3, 1),
+            "sparse_forward_ms": round(sparse[0] * 1e3, 1), "sparse_backward_ms": round(sparse[1] * 1e3, 1),
+            "max_output_diff": float((reference[2] - sparse[2]).abs().max()),
+            "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(reference[3], sparse[3]))}
+
+
+@contextlib.contextmanager
+def torchvision_kernels() -> Iterator[None]:
+    """Within: every rsiseg RoIAlign (``SparseRoIAlign``, ``roi_align``) runs torchvision's kernels."""
+    original = roi_align_module.sparse_applies
+    roi_align_module.sparse_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        roi_align_module.sparse_applies = original
 
 
 def step_rows(args: argparse.Namespace) -> dict:
@@ -99,15 +124,16 @@ def step_rows(args: argparse.Namespace) -> dict:
     items = [data[i] for i in range(cfg.train.batch_size)]
     images, targets = [image for image, _ in items], [target for _, target in items]
     report: dict = {"config": args.config, "overrides": args.overrides, "batch": len(items)}
-    for name, pooler_cls in (("torchvision", MultiScaleRoIAlign), ("sparse", SparseRoIAlign)):
+    for name, kernels in (("torchvision", torchvision_kernels), ("sparse", contextlib.nullcontext)):
         torch.manual_seed(0)
-        model = with_pooler(build_model(without_initial_weights(cfg.model)), pooler_cls).train()
+        model = build_model(without_initial_weights(cfg.model)).train()
         times, first = [], None
         for step in range(args.steps + 1):  # step 0 warms up
             torch.manual_seed(step)
             start = time.perf_counter()
-            losses = model(images, targets)
-            sum(losses.values()).backward()
+            with kernels():
+                losses = model(images, targets)
+                sum(losses.values()).backward()
             model.zero_grad(set_to_none=True)
             if step:
                 times.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""SparseRoIAlign gives torchvision's MultiScaleRoIAlign values and gradients on the CPU."""
+"""SparseRoIAlign and roi_align give torchvision's values and gradients on the CPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import roi_align as torchvision_roi_align
 
 from rsiseg.config import ModelConfig
-from rsiseg.models.layers.roi_align import SparseRoIAlign
+from rsiseg.models.layers.roi_align import SparseRoIAlign, roi_align
 from rsiseg.models.registry import build_model
 
 LEVELS = ["0", "1", "2", "3"]
@@ -92,3 +93,18 @@ def test_rcnn_models_pool_with_sparse_roi_align(name):
     model = build_model(ModelConfig(name=name, num_classes=2, fpn_channels=32))
     assert isinstance(model.roi_heads.box_roi_pool, SparseRoIAlign)
     assert isinstance(model.roi_heads.mask_roi_pool, SparseRoIAlign)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_single_level_roi_align_matches_torchvision(aligned):
+    maps = fpn_features(batch=3)["0"]  # [3, 5, 32, 32]
+    boxes = awkward_boxes()
+    expected = torchvision_roi_align(maps, boxes, 9, 0.25, 2, aligned)
+    got = roi_align(maps, boxes, 9, 0.25, 2, aligned)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(got, maps, upstream)[0],
+                               torch.autograd.grad(expected, maps, upstream)[0], atol=1e-5, rtol=1e-5)
+    rois = torch.cat([torch.full((len(b), 1), float(i)) for i, b in enumerate(boxes)])
+    rois = torch.cat([rois, torch.cat(boxes)], 1)  # the [K, 5] form
+    torch.testing.assert_close(roi_align(maps, rois, (9, 9), 0.25, 2, aligned), expected, atol=1e-5, rtol=1e-5)

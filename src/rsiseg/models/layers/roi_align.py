@@ -9,13 +9,13 @@ each of the ``S x S`` samples of one output bin, divided by ``S * S``), and
     pooled = W @ features      backward: grad_features = W^T @ grad_pooled
 
 with the features channels-last ``[N, C]``. The values and the boundary rules are torchvision's
-(``aligned=False``, as :class:`torchvision.ops.MultiScaleRoIAlign` uses): a sample more than one pixel
-outside the map is zero, one within a pixel is clamped to the border. Only the summation order
-differs (float32 results agree to about 1e-6).
+(``aligned`` either way): a sample more than one pixel outside the map is zero, one within a pixel is
+clamped to the border. Only the summation order differs (float32 results agree to about 1e-6).
 
-:class:`SparseRoIAlign` is a drop-in :class:`~torchvision.ops.MultiScaleRoIAlign`: it takes this path
-for float32/float64 CPU features with a fixed ``sampling_ratio`` and leaves everything else (GPU
-features, autocast's half types, tracing and compiling, dispatch modes such as FLOP counting) to torchvision.
+:class:`SparseRoIAlign` is a drop-in :class:`~torchvision.ops.MultiScaleRoIAlign`, and :func:`roi_align`
+one for :func:`torchvision.ops.roi_align`: they take this path for float32/float64 CPU features with a
+fixed ``sampling_ratio`` and leave everything else (GPU features, autocast's half types, tracing and
+compiling, dispatch modes such as FLOP counting) to torchvision (:func:`sparse_applies`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _sample_coordinates(start: Tensor, bin_size: Tensor, bins: int, s: int) -> T
 
 
 def sample_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int]], offsets: list[int],
-                  scales: list[float], output_size: tuple[int, int], sampling_ratio: int) -> Tensor:
+                  scales: list[float], output_size: tuple[int, int], sampling_ratio: int,
+                  aligned: bool = False) -> Tensor:
     """The sparse CSR matrix ``W`` ``[K * PH * PW, N]`` of the module docstring.
 
     Args:
@@ -68,15 +69,20 @@ def sample_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int
         shapes: ``(B, H, W)`` of each level; ``offsets``: where each level starts in the ``N`` rows.
         scales: feature pixels per image pixel, per level.
         output_size: ``(PH, PW)``; ``sampling_ratio``: ``S`` > 0 samples per bin and axis.
+        aligned: torchvision's ``aligned``: shift the box by -0.5 feature pixel (pixel centres), and
+            keep boxes smaller than a pixel as they are instead of widening them to 1.
     """
     count, (bins_h, bins_w), s = len(rois), output_size, sampling_ratio
     level_scale = torch.tensor(scales, dtype=rois.dtype)[levels]
     heights = torch.tensor([h for _, h, _ in shapes])[levels]
     widths = torch.tensor([w for _, _, w in shapes])[levels]
     starts = torch.tensor(offsets)[levels] + rois[:, 0].long() * heights * widths
-    x1, y1 = rois[:, 1] * level_scale, rois[:, 2] * level_scale
-    bin_w = (rois[:, 3] * level_scale - x1).clamp(min=1.0) / bins_w  # torchvision: malformed RoIs are 1x1
-    bin_h = (rois[:, 4] * level_scale - y1).clamp(min=1.0) / bins_h
+    shift = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * level_scale - shift, rois[:, 2] * level_scale - shift
+    width, height = rois[:, 3] * level_scale - shift - x1, rois[:, 4] * level_scale - shift - y1
+    if not aligned:  # torchvision: malformed RoIs are 1x1
+        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
+    bin_w, bin_h = width / bins_w, height / bins_h
     ys = _sample_coordinates(y1, bin_h, bins_h, s)  # [K, PH, S]
     xs = _sample_coordinates(x1, bin_w, bins_w, s)  # [K, PW, S]
     y_low, y_high, wy_low, wy_high, y_in = _axis_corners(ys, heights[:, None, None])
@@ -106,7 +112,11 @@ def sample_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int
 
 
 class _SparseProduct(torch.autograd.Function):
-    """``W @ features`` with the gradient ``W^T @ grad`` to the features (none to ``W``)."""
+    """``W @ features`` with the gradient ``W^T @ grad`` to the features (none to ``W``).
+
+    ``W^T`` is taken as an uncoalesced COO matrix built from ``W``'s CSR arrays: transposing the CSR
+    matrix itself re-sorts every entry by column, which costs 3x the product.
+    """
 
     @staticmethod
     def forward(ctx, matrix: Tensor, features: Tensor) -> Tensor:  # type: ignore[override]
@@ -116,23 +126,51 @@ class _SparseProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
         (matrix,) = ctx.saved_tensors
-        return None, matrix.t() @ grad.contiguous()
+        crow = matrix.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(matrix.shape[0]), crow[1:] - crow[:-1])
+        transposed = torch.sparse_coo_tensor(torch.stack([matrix.col_indices(), rows]), matrix.values(),
+                                             (matrix.shape[1], matrix.shape[0]), is_coalesced=False,
+                                             check_invariants=False)
+        return None, torch.sparse.mm(transposed, grad.contiguous())
 
 
 def sparse_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
-                     output_size: tuple[int, int], sampling_ratio: int) -> Tensor:
+                     output_size: tuple[int, int], sampling_ratio: int, aligned: bool = False) -> Tensor:
     """RoIAlign of ``rois`` ``[K, 5]``, each from its level ``levels`` ``[K]`` of ``features``
     (``[B, C, H_l, W_l]`` per level, on the CPU): ``[K, C, PH, PW]``, as torchvision's per-level
-    ``roi_align`` (``aligned=False``) gives."""
+    ``roi_align`` gives."""
     channels = features[0].shape[1]
     shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in features]
     sizes = [b * h * w for b, h, w in shapes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     with torch.no_grad():
-        matrix = sample_matrix(rois.detach(), levels, shapes, offsets, scales, output_size, sampling_ratio)
+        matrix = sample_matrix(rois.detach(), levels, shapes, offsets, scales, output_size, sampling_ratio, aligned)
     flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features])  # [N, C]
     pooled = _SparseProduct.apply(matrix.to(flat.dtype), flat)  # [K * PH * PW, C]
     return pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2)
+
+
+def sparse_applies(features: list[Tensor], sampling_ratio: int) -> bool:
+    """Whether :func:`sparse_roi_align` serves ``features``: float32/float64 on the CPU, a fixed
+    ``sampling_ratio``, no autocast, tracing, scripting or compiling, and no dispatch mode (under
+    FlopCounterMode the sparse product would count as a dense ``[K * PH * PW, N] x [N, C]`` matmul)."""
+    return (sampling_ratio > 0 and not torchvision._is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+            and not torch.is_autocast_enabled("cpu")
+            and all(f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) for f in features))
+
+
+def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """:func:`torchvision.ops.roi_align` (same arguments: ``input`` ``[B, C, H, W]``, ``boxes`` ``[K, 5]``
+    or one ``[K_b, 4]`` per image), through :func:`sparse_roi_align` where :func:`sparse_applies`:
+    ``[K, C, PH, PW]``."""
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if not sparse_applies([input], sampling_ratio):
+        return torchvision.ops.roi_align(input, boxes, size, spatial_scale, sampling_ratio, aligned)
+    rois = boxes if isinstance(boxes, Tensor) else _convert_to_roi_format(boxes)
+    return sparse_roi_align([input], rois, torch.zeros(len(rois), dtype=torch.int64), [spatial_scale], size,
+                            sampling_ratio, aligned)
 
 
 class SparseRoIAlign(MultiScaleRoIAlign):
@@ -144,7 +182,7 @@ class SparseRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = _filter_input(x, self.featmap_names)
-        if not self._sparse_applies(features):
+        if not sparse_applies(features, self.sampling_ratio):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
@@ -153,10 +191,3 @@ class SparseRoIAlign(MultiScaleRoIAlign):
         levels = (self.map_levels(boxes) if len(features) > 1
                   else torch.zeros(len(rois), dtype=torch.int64))
         return sparse_roi_align(features, rois, levels.long(), self.scales, self.output_size, self.sampling_ratio)
-
-    def _sparse_applies(self, features: list[Tensor]) -> bool:
-        # Under a dispatch mode (FlopCounterMode, FakeTensorMode) torchvision's op stays: a FLOP counter
-        # would read the sparse product as a dense [K * PH * PW, N] x [N, C] matmul.
-        return (self.sampling_ratio > 0 and not torchvision._is_tracing() and not torch.jit.is_scripting()
-                and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and not torch.is_autocast_enabled("cpu")
-                and all(f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) for f in features))

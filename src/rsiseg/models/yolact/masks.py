@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+
+from rsiseg.models.layers.roi_align import roi_align
 
 _CHUNK = 128  # boxes assembled at once: 128 x 32 x 28 x 28 floats = 13 MB
 
