@@ -67,6 +67,19 @@ def test_sparse_roi_align_passes_gradcheck_in_float64():
     assert torch.autograd.gradcheck(pool, tuple(features.values()))
 
 
+def test_sparse_roi_align_pools_nothing_from_boxes_that_are_not_finite():
+    # (torchvision 0.29's CPU kernel crashes on such boxes; a diverging regression can make them)
+    features = fpn_features()
+    nan, inf = float("nan"), float("inf")
+    bad = torch.tensor([[nan, 3.0, 20.0, 30.0], [2.0, 3.0, inf, 30.0], [-inf, -inf, inf, inf], [nan] * 4])
+    good = torch.tensor([[4.0, 4.0, 40.0, 44.0]])
+    shapes = [(128, 128)] * 2
+    got = SparseRoIAlign(LEVELS, 7, 2)(features, [torch.cat([bad, good]), good], shapes)
+    assert torch.isfinite(got).all() and not got[:4].any()
+    expected = MultiScaleRoIAlign(LEVELS, 7, 2)(features, [good, good], shapes)
+    torch.testing.assert_close(got[4:], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_roi_align_of_no_boxes_is_empty():
     features = fpn_features()
     out = SparseRoIAlign(LEVELS, 7, 2)(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(128, 128)] * 2)

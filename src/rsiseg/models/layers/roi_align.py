@@ -36,10 +36,11 @@ def _axis_corners(coords: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor,
 
     Returns:
         ``(low, high, weight of low, weight of high, inside)``, each ``[K, bins, S]``: ``inside``
-        is False for samples more than one pixel outside ``[0, size]``, whose weights must be zeroed.
+        is False for samples more than one pixel outside ``[0, size]`` or not finite, whose weights must
+        be zeroed (their corners are valid indices).
     """
-    inside = (coords >= -1.0) & (coords <= size)
-    coords = coords.clamp(min=0)
+    inside = (coords >= -1.0) & (coords <= size)  # False for NaN too
+    coords = torch.where(inside, coords, 0.0).clamp(min=0)  # the indices of outside samples stay in the map
     low = coords.floor().long()
     at_edge = low >= size - 1
     low = low.clamp(max=size - 1)
@@ -188,6 +189,6 @@ class SparseRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
-        levels = (self.map_levels(boxes) if len(features) > 1
+        levels = (self.map_levels(boxes).clamp(0, len(features) - 1) if len(features) > 1  # a NaN box maps anywhere
                   else torch.zeros(len(rois), dtype=torch.int64))
         return sparse_roi_align(features, rois, levels.long(), self.scales, self.output_size, self.sampling_ratio)
