@@ -54,8 +54,8 @@ def _sample_coordinates(start: Tensor, bin_size: Tensor, bins: int, s: int) -> T
     """``[K, bins, S]`` sample coordinates along one axis, in torchvision's order of float operations
     (``start + bin * size + (i + 0.5) * size / S``), so that float32 samples land where its kernel's do."""
     step = bin_size[:, None, None]
-    bin_index = torch.arange(bins, dtype=start.dtype)[:, None]
-    within = torch.arange(s, dtype=start.dtype) + 0.5
+    bin_index = torch.arange(bins, dtype=start.dtype, device=start.device)[:, None]
+    within = torch.arange(s, dtype=start.dtype, device=start.device) + 0.5
     return start[:, None, None] + bin_index * step + within * step / s
 
 
@@ -64,20 +64,25 @@ def sample_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int
                   aligned: bool = False) -> Tensor:
     """The sparse CSR matrix ``W`` ``[K * PH * PW, N]`` of the module docstring.
 
+    Each row holds its ``4 * S * S`` entries as they come (unsorted, a corner repeated at the map's
+    edge with weight 0), which the CPU's CSR product (MKL or ATen's loop) sums as given: the matrix
+    is built without PyTorch's invariant check, so every column is kept inside ``[0, N)`` here.
+
     Args:
-        rois: ``[K, 5]`` (batch index, x1, y1, x2, y2) in image pixels.
-        levels: ``[K]`` int, the level each RoI pools from.
+        rois: ``[K, 5]`` (batch index, x1, y1, x2, y2) in image pixels; the batch indices must be
+            those of images the features hold (:func:`sparse_roi_align` checks).
+        levels: ``[K]`` int in ``[0, len(shapes))``, the level each RoI pools from.
         shapes: ``(B, H, W)`` of each level; ``offsets``: where each level starts in the ``N`` rows.
         scales: feature pixels per image pixel, per level.
         output_size: ``(PH, PW)``; ``sampling_ratio``: ``S`` > 0 samples per bin and axis.
         aligned: torchvision's ``aligned``: shift the box by -0.5 feature pixel (pixel centres), and
             keep boxes smaller than a pixel as they are instead of widening them to 1.
     """
-    count, (bins_h, bins_w), s = len(rois), output_size, sampling_ratio
-    level_scale = torch.tensor(scales, dtype=rois.dtype)[levels]
-    heights = torch.tensor([h for _, h, _ in shapes])[levels]
-    widths = torch.tensor([w for _, _, w in shapes])[levels]
-    starts = torch.tensor(offsets)[levels] + rois[:, 0].long() * heights * widths
+    count, (bins_h, bins_w), s, device = len(rois), output_size, sampling_ratio, rois.device
+    level_scale = torch.tensor(scales, dtype=rois.dtype, device=device)[levels]
+    heights = torch.tensor([h for _, h, _ in shapes], device=device)[levels]
+    widths = torch.tensor([w for _, _, w in shapes], device=device)[levels]
+    starts = torch.tensor(offsets, device=device)[levels] + rois[:, 0].long() * heights * widths
     shift = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * level_scale - shift, rois[:, 2] * level_scale - shift
     width, height = rois[:, 3] * level_scale - shift - x1, rois[:, 4] * level_scale - shift - y1
@@ -104,7 +109,7 @@ def sample_matrix(rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int
     weights = weights * (along_y(y_in) & along_x(x_in))[..., None] / (s * s)  # [K, PH, PW, S, S, 4]
     per_row = 4 * s * s
     rows = count * bins_h * bins_w
-    crow = torch.arange(rows + 1, dtype=torch.int64) * per_row
+    crow = torch.arange(rows + 1, dtype=torch.int64, device=device) * per_row
     total = sum(b * h * w for b, h, w in shapes)
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
         warnings.simplefilter("ignore", UserWarning)
@@ -128,7 +133,7 @@ class _SparseProduct(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
         (matrix,) = ctx.saved_tensors
         crow = matrix.crow_indices()
-        rows = torch.repeat_interleave(torch.arange(matrix.shape[0]), crow[1:] - crow[:-1])
+        rows = torch.repeat_interleave(torch.arange(matrix.shape[0], device=crow.device), crow[1:] - crow[:-1])
         transposed = torch.sparse_coo_tensor(torch.stack([matrix.col_indices(), rows]), matrix.values(),
                                              (matrix.shape[1], matrix.shape[0]), is_coalesced=False,
                                              check_invariants=False)
@@ -138,27 +143,50 @@ class _SparseProduct(torch.autograd.Function):
 def sparse_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
                      output_size: tuple[int, int], sampling_ratio: int, aligned: bool = False) -> Tensor:
     """RoIAlign of ``rois`` ``[K, 5]``, each from its level ``levels`` ``[K]`` of ``features``
-    (``[B, C, H_l, W_l]`` per level, on the CPU): ``[K, C, PH, PW]``, as torchvision's per-level
-    ``roi_align`` gives."""
+    (``[B, C, H_l, W_l]`` per level, on the CPU): a contiguous ``[K, C, PH, PW]``, as torchvision's
+    per-level ``roi_align`` gives.
+
+    Raises:
+        ValueError: a RoI's batch index is not that of an image of ``features``.
+    """
     channels = features[0].shape[1]
     shapes = [(f.shape[0], f.shape[2], f.shape[3]) for f in features]
+    batch = rois[:, 0].detach()
+    bad = ~(torch.isfinite(batch) & (batch >= 0) & (batch < shapes[0][0]))
+    if bad.any():
+        k = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"RoI {k} has batch index {batch[k].item()}, but the features hold {shapes[0][0]} images "
+                         f"({int(bad.sum())} RoIs out of range)")
     sizes = [b * h * w for b, h, w in shapes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     with torch.no_grad():
         matrix = sample_matrix(rois.detach(), levels, shapes, offsets, scales, output_size, sampling_ratio, aligned)
     flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features])  # [N, C]
     pooled = _SparseProduct.apply(matrix.to(flat.dtype), flat)  # [K * PH * PW, C]
-    return pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2)
+    return pooled.reshape(len(rois), *output_size, channels).permute(0, 3, 1, 2).contiguous()
 
 
-def sparse_applies(features: list[Tensor], sampling_ratio: int) -> bool:
-    """Whether :func:`sparse_roi_align` serves ``features``: float32/float64 on the CPU, a fixed
-    ``sampling_ratio``, no autocast, tracing, scripting or compiling, and no dispatch mode (under
-    FlopCounterMode the sparse product would count as a dense ``[K * PH * PW, N] x [N, C]`` matmul)."""
-    return (sampling_ratio > 0 and not torchvision._is_tracing() and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
-            and not torch.is_autocast_enabled("cpu")
-            and all(f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) for f in features))
+# MKL's sparse product takes 32-bit indices: larger matrices go to torchvision's kernels.
+_MAX_INDEX = 2**31 - 1
+
+
+def sparse_applies(features: list[Tensor], rois: Tensor, output_size: tuple[int, int], sampling_ratio: int) -> bool:
+    """Whether :func:`sparse_roi_align` serves these inputs: non-empty float32/float64 CPU features
+    (one image count across levels) and RoIs of their dtype, a fixed ``sampling_ratio``, indices that
+    fit 32 bits, and no autocast, tracing, scripting, compiling, functorch transform (vmap) or dispatch
+    mode (under FlopCounterMode the sparse product would count as a dense ``[K * PH * PW, N] x [N, C]``
+    matmul). Everything else keeps torchvision's kernels, which also raise its errors."""
+    if sampling_ratio <= 0 or not features:
+        return False
+    entries = len(rois) * output_size[0] * output_size[1] * 4 * sampling_ratio ** 2
+    positions = sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features)
+    return (not torchvision._is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode() and not torch._C._are_functorch_transforms_active()
+            and not torch.is_autocast_enabled("cpu") and rois.dtype == features[0].dtype
+            and rois.device.type == "cpu" and entries <= _MAX_INDEX and positions <= _MAX_INDEX
+            and len({f.shape[0] for f in features}) == 1
+            and all(f.device.type == "cpu" and f.dtype == features[0].dtype and f.numel() > 0 for f in features)
+            and features[0].dtype in (torch.float32, torch.float64))
 
 
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
@@ -167,28 +195,33 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     or one ``[K_b, 4]`` per image), through :func:`sparse_roi_align` where :func:`sparse_applies`:
     ``[K, C, PH, PW]``."""
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if not sparse_applies([input], sampling_ratio):
-        return torchvision.ops.roi_align(input, boxes, size, spatial_scale, sampling_ratio, aligned)
     rois = boxes if isinstance(boxes, Tensor) else _convert_to_roi_format(boxes)
-    return sparse_roi_align([input], rois, torch.zeros(len(rois), dtype=torch.int64), [spatial_scale], size,
-                            sampling_ratio, aligned)
+    if not sparse_applies([input], rois, size, sampling_ratio):
+        return torchvision.ops.roi_align(input, boxes, size, spatial_scale, sampling_ratio, aligned)
+    return sparse_roi_align([input], rois, torch.zeros(len(rois), dtype=torch.int64, device=rois.device),
+                            [spatial_scale], size, sampling_ratio, aligned)
 
 
 class SparseRoIAlign(MultiScaleRoIAlign):
     """:class:`~torchvision.ops.MultiScaleRoIAlign` through :func:`sparse_roi_align` on the CPU.
 
-    Same arguments, outputs ``[K, C, PH, PW]`` and level mapping; see the module docstring for when
+    Same arguments, outputs ``[K, C, PH, PW]`` and level mapping (a RoI whose level is not one of the
+    maps, e.g. an inverted box's, pools zeros as there); see the module docstring for when
     torchvision's kernels run instead.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = _filter_input(x, self.featmap_names)
-        if not sparse_applies(features, self.sampling_ratio):
+        rois = _convert_to_roi_format(boxes) if boxes else torch.zeros(0, 5)
+        if not sparse_applies(features, rois, self.output_size, self.sampling_ratio):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
-        levels = (self.map_levels(boxes).clamp(0, len(features) - 1) if len(features) > 1  # a NaN box maps anywhere
-                  else torch.zeros(len(rois), dtype=torch.int64))
-        return sparse_roi_align(features, rois, levels.long(), self.scales, self.output_size, self.sampling_ratio)
+        levels = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        if len(features) > 1:
+            mapped = self.map_levels(boxes)
+            pooled = (mapped >= 0) & (mapped < len(features))
+            levels = torch.where(pooled, mapped, 0)
+            rois = torch.where(pooled[:, None], rois, rois.new_tensor([0.0, *[float("nan")] * 4]))  # zeros
+        return sparse_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
