@@ -25,9 +25,9 @@ import json
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torchvision.ops import MultiScaleRoIAlign
@@ -107,15 +107,9 @@ def op_row(name: str, rois: int, reference: tuple, sparse: tuple) -> dict:
             "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(reference[3], sparse[3]))}
 
 
-@contextlib.contextmanager
-def torchvision_kernels() -> Iterator[None]:
+def torchvision_kernels() -> contextlib.AbstractContextManager:
     """Within: every rsiseg RoIAlign (``SparseRoIAlign``, ``roi_align``) runs torchvision's kernels."""
-    original = roi_align_module.sparse_applies
-    roi_align_module.sparse_applies = lambda *args: False
-    try:
-        yield
-    finally:
-        roi_align_module.sparse_applies = original
+    return mock.patch.object(roi_align_module, "sparse_applies", return_value=False)
 
 
 def step_rows(args: argparse.Namespace) -> dict:
