@@ -19,7 +19,7 @@ import torch
 from rsiseg.checkpoint import load_checkpoint
 from rsiseg.engine.distributed import Distributed, resume_position, scaled_train_config
 from rsiseg.engine.sampler import EpochBatchSampler, epoch_batches
-from tests.engine.ddp_launch import rank_environment, spawn_ranks
+from tests.engine.ddp_launch import free_port, rank_environment, spawn_ranks
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,28 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(semantic_data: P
     assert [o["outcome"] for o in launch(2, raw, tmp_path / "results", fault=("nan", 1))] == ["ok", "ok"]
     state = load_checkpoint(tmp_path / "run" / "last.pth")
     assert state["iteration"] == 3 and state["metrics"]["skipped_batches"] == 1
+
+
+def _restarted_rank(rank: int, world: int, _port: int, store_port: int, attempt: int, results: str) -> None:
+    """Join attempt ``attempt`` of a torchrun group whose agent serves the store on ``store_port``."""
+    rank_environment(rank, world, store_port)
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
+    if attempt == 1 and rank == 0:
+        time.sleep(3)  # rank 1 reaches the store first, where attempt 0's addresses still are
+    from rsiseg.engine.distributed import init_distributed, shutdown_process_group
+
+    init_distributed("cpu", 20.0)
+    try:
+        torch.distributed.barrier()
+    finally:
+        shutdown_process_group()
+    Path(results, f"attempt{attempt}_rank{rank}").touch()
+
+
+def test_a_restarted_group_joins_although_the_agent_store_keeps_the_last_attempts_keys(tmp_path: Path) -> None:
+    port = free_port()  # torchrun's agent store, one server for every attempt
+    agent_store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    for attempt in (0, 1):
+        assert spawn_ranks(_restarted_rank, 2, port, attempt, str(tmp_path)) == [0, 0], f"attempt {attempt}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"attempt{a}_rank{r}" for a in (0, 1) for r in (0, 1)]
+    del agent_store  # served both attempts (without the per-attempt prefix, rank 1 of attempt 1 fails to connect)

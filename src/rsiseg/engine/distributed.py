@@ -155,9 +155,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distrib
     if on_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=attempt_store(timeout), rank=rank, world_size=world, timeout=timeout)
     return Distributed(rank, world, local, backend)
+
+
+def attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The ``env://`` rendezvous store, under a prefix of its own for each torchrun restart.
+
+    torchrun's agent keeps one store for all attempts (``--max-restarts``), so a restarted group would
+    find the last attempt's keys in it: a rank that gets there before its peer has written its new
+    address reads the dead process's and fails to connect (torch 2.15, gloo). The prefix
+    ``attempt_{TORCHELASTIC_RESTART_COUNT}`` gives each attempt empty keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"rsiseg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def gather_sorted(ctx: Distributed, items: list[Any], key, what: str = "gathering the results") -> list[Any]:
